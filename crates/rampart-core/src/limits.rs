@@ -1,0 +1,72 @@
+//! Every limit in one place. Units are last in the names.
+
+/// etcd's `--max-request-bytes` default: 1.5 MiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
+/// etcd's `--max-txn-ops` default.
+pub const DEFAULT_MAX_TXN_OPS: usize = 128;
+/// gRPC receive limit: the request limit plus etcd's 512 KiB of framing slack, so an oversized
+/// request reaches our handler and gets etcd's "request is too large" instead of a transport error.
+pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+/// Slack of the JSON gateway's body limit over the base64 size of the largest gRPC request: field
+/// names, quoting and whitespace. The limit itself is 4/3 of the gRPC receive limit (bytes travel
+/// as base64 in JSON), so every request gRPC accepts is accepted as JSON too.
+pub const GATEWAY_JSON_OVERHEAD_BYTES: usize = 64 * 1024;
+/// Requests of a gateway stream (Watch, LeaseKeepAlive) decoded ahead of the service reading them.
+pub const GATEWAY_STREAM_BUFFER_REQUESTS: usize = 16;
+/// Longest the gateway's `/health` waits for a linearizable read (etcd 3.4 waits up to a second).
+pub const GATEWAY_HEALTH_TIMEOUT_MS: u64 = 1_000;
+/// gRPC send limit for responses (etcd uses math.MaxInt32).
+pub const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
+/// Largest number of entries the raft log keeps before a snapshot lets it be purged.
+pub const SNAPSHOT_LOG_ENTRIES: u64 = 10_000;
+/// Entries kept in the log behind a snapshot, so a briefly lagging follower catches up from the
+/// log instead of needing the whole snapshot.
+pub const SNAPSHOT_KEEP_ENTRIES: u64 = 5_000;
+/// Largest raft log segment file before a new one is started.
+pub const LOG_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Longest a client request waits for its proposal to be committed and applied.
+pub const REQUEST_TIMEOUT_MS: u64 = 7_000;
+/// Default heartbeat interval (etcd's default is 100 ms). See ARCHITECTURE.md for the choice.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 50;
+/// Default election timeout (etcd's default is 1000 ms): a follower campaigns after hearing no
+/// leader for [E, 1.2 E). Ours is shorter to make the failover gap small; pre-vote and the leader
+/// lease keep it stable. See ARCHITECTURE.md.
+pub const DEFAULT_ELECTION_TIMEOUT_MS: u64 = 250;
+/// Most entries sent in one AppendEntries RPC.
+pub const MAX_APPEND_ENTRIES: u64 = 256;
+/// Most watches one Watch stream may hold (etcd has no limit); a create beyond it is answered
+/// with a canceled create response naming the limit.
+pub const MAX_WATCHES_PER_STREAM: usize = 4_096;
+/// Watch responses queued for one Watch stream before its task waits for the client to read.
+/// A watcher that falls further behind than the change feed's buffer replays from MVCC history.
+pub const WATCH_STREAM_BUFFER_RESPONSES: usize = 64;
+/// Most events read from MVCC history in one step while a watch catches up.
+pub const WATCH_REPLAY_CHUNK_EVENTS: usize = 256;
+/// Interval of the progress notifications sent to idle watches that asked for them (etcd's
+/// default `--experimental-watch-progress-notify-interval`, 10 minutes), plus up to 10% jitter.
+pub const WATCH_PROGRESS_INTERVAL_MS: u64 = 10 * 60 * 1000;
+/// How often a watch stream checks that its synced watches have not missed changes the change
+/// feed never carried (a raft snapshot installed on a lagging follower).
+pub const WATCH_RESYNC_CHECK_MS: u64 = 1_000;
+/// etcd's `--quota-backend-bytes` default: 2 GiB. Above it a member raises the NOSPACE alarm.
+pub const DEFAULT_QUOTA_BACKEND_BYTES: i64 = 2 * 1024 * 1024 * 1024;
+/// How often a member compares its store's size with the quota, besides after every applied write.
+pub const QUOTA_CHECK_INTERVAL_MS: u64 = 1_000;
+/// Size of the chunks of a client snapshot stream (etcd's `snapshotSendBufferSize`).
+pub const SNAPSHOT_SEND_CHUNK_BYTES: usize = 32 * 1024;
+/// Longest a defragmentation waits for running reads (a snapshot being sent) to finish.
+pub const DEFRAG_WAIT_MS: u64 = 10_000;
+/// Longest MoveLeader waits for the target to take over.
+pub const MOVE_LEADER_TIMEOUT_MS: u64 = 5_000;
+/// Longest a leader that is asked to stop (SIGTERM) waits for a follower to take over first.
+pub const STOP_LEADER_TRANSFER_MS: u64 = 2_000;
+/// etcd's `MaxLeaseTTL`: a LeaseGrant asking for more seconds is refused ("too large lease TTL").
+pub const MAX_LEASE_TTL_S: i64 = 9_000_000_000;
+/// Most expired leases the leader revokes per second (etcd's `leaseRevokeRate`), so a pile of
+/// leases expiring together does not flood the log.
+pub const LEASE_REVOKE_PER_S: usize = 1_000;
+/// How often the leader looks for expired leases (etcd checks every 500 ms).
+pub const LEASE_EXPIRY_TICK_MS: u64 = 250;
+/// How long the leader waits for the revoke of an expired lease before proposing it again
+/// (etcd's `expiredLeaseRetryInterval`).
+pub const LEASE_REVOKE_RETRY_MS: u64 = 3_000;

@@ -1,0 +1,485 @@
+//! etcd's multi-version key-value model on redb: revisions, ranges, txns, compaction and the
+//! change feed, with the semantics of etcd 3.4/3.5.
+//!
+//! The raft state machine drives it: [`Mvcc::apply`] applies a batch of committed commands in
+//! one redb write transaction together with the raft layer's own bytes (last applied log id,
+//! membership), so that the data and the applied index can never disagree after a crash.
+//! Reads ([`Mvcc::range`], [`Mvcc::read_txn`], [`Mvcc::events_since`]) see committed state.
+//!
+//! # Storage layout (format version 1)
+//!
+//! | table    | key                                      | value                               |
+//! |----------|------------------------------------------|-------------------------------------|
+//! | `kv`     | user key ++ be64(main rev) ++ be64(sub)  | `[1, 0]` ++ be64 create, version, lease ++ value; or `[1, 1]`: tombstone |
+//! | `revs`   | u128 `main << 64 \| sub`                 | `[1]` ++ user key                   |
+//! | `meta`   | `format_version`, `current_rev`, `compact_rev`, `raft_meta` | LE u32 / LE i64 / LE i64 / raw bytes |
+//! | `leases` | i64 lease id                             | `[1]` ++ be64 granted TTL ++ be64 remaining TTL (see `lease`) |
+//!
+//! `kv` keys order by user key, then revision (see `codec::KvKey`), so the version of a key
+//! as of revision R is one seek backwards from `(key, R, MAX)`. `revs` orders every change by
+//! revision, for the change feed and for compaction. The first byte of every `kv` and `revs`
+//! value is its record format.
+//!
+//! Which keys are attached to which lease is derived data, kept in memory (see `lease`).
+
+mod codec;
+mod lease;
+mod maintenance;
+mod read;
+mod snapshot;
+mod validate;
+mod write;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Mutex, RwLock};
+
+use rampart_core::EtcdError;
+use rampart_proto::etcdserverpb::{
+    CompactionResponse, DeleteRangeResponse, LeaseGrantResponse, LeaseRevokeResponse, PutResponse,
+    RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+};
+use rampart_proto::mvccpb::event::EventType;
+use rampart_proto::mvccpb::{Event, KeyValue};
+use rampart_proto::rampartpb::Command;
+use redb::{Database, Durability, ReadableTable, TableDefinition};
+
+use codec::{KvKey, Record, Rev};
+
+pub use lease::Lease;
+pub use maintenance::{Defragmented, KvHash};
+pub use snapshot::SNAPSHOT_VERSION;
+
+/// Version of the layout described in the module docs, stored in the `meta` table and checked
+/// on open.
+pub const FORMAT_VERSION: u32 = 1;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const KV: TableDefinition<KvKey, &[u8]> = TableDefinition::new("kv");
+const REVS: TableDefinition<u128, &[u8]> = TableDefinition::new("revs");
+const LEASES: TableDefinition<i64, &[u8]> = TableDefinition::new("leases");
+
+const META_FORMAT_VERSION: &str = "format_version";
+const META_CURRENT_REV: &str = "current_rev";
+const META_COMPACT_REV: &str = "compact_rev";
+const META_RAFT_META: &str = "raft_meta";
+
+/// etcd's revision of an empty store.
+const FIRST_REV: i64 = 1;
+/// Compaction revision of a store never compacted (etcd's initial `compactMainRev`).
+const NEVER_COMPACTED: i64 = -1;
+
+/// A failure of this member's storage, as opposed to an answer to the client ([`EtcdError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum MvccError {
+    #[error("mvcc storage: {0}")]
+    Storage(#[from] redb::Error),
+    #[error("mvcc i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// Stored data contradicts itself, or an invariant of this module broke.
+    #[error("mvcc data is corrupt: {0}")]
+    Corrupt(String),
+    #[error(
+        "mvcc file format version {found} is not supported (this build reads version {supported})"
+    )]
+    UnsupportedFormat { found: u32, supported: u32 },
+    /// A snapshot stream was rejected; the state was left as it was.
+    #[error("invalid mvcc snapshot: {0}")]
+    InvalidSnapshot(String),
+}
+
+macro_rules! redb_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for MvccError {
+            fn from(e: $t) -> Self {
+                MvccError::Storage(e.into())
+            }
+        }
+    )*};
+}
+redb_errors!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// Why an operation stopped: the client's answer, or a storage failure.
+pub(crate) enum Fail {
+    Etcd(EtcdError),
+    Store(MvccError),
+}
+
+impl From<EtcdError> for Fail {
+    fn from(e: EtcdError) -> Self {
+        Fail::Etcd(e)
+    }
+}
+
+impl<E: Into<MvccError>> From<E> for Fail {
+    fn from(e: E) -> Self {
+        Fail::Store(e.into())
+    }
+}
+
+impl Fail {
+    fn into_etcd(self) -> EtcdError {
+        match self {
+            Fail::Etcd(e) => e,
+            Fail::Store(e) => storage_failed(e),
+        }
+    }
+}
+
+fn storage_failed(e: MvccError) -> EtcdError {
+    tracing::error!(error = %e, "mvcc read failed");
+    EtcdError::internal(e)
+}
+
+/// The response to a command that went through the log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteResponse {
+    Put(PutResponse),
+    DeleteRange(DeleteRangeResponse),
+    Txn(TxnResponse),
+    Compaction(CompactionResponse),
+    LeaseGrant(LeaseGrantResponse),
+    LeaseRevoke(LeaseRevokeResponse),
+}
+
+/// One applied command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    pub response: WriteResponse,
+    /// The store's revision after the command (unchanged if it wrote nothing).
+    pub revision: i64,
+    /// What the command changed, in order, for watchers: `prev_kv` is the key as of the
+    /// revision before, and absent on a create (as etcd's watch server fills it).
+    pub events: Vec<Event>,
+}
+
+/// The MVCC store of one member.
+pub struct Mvcc {
+    db: maintenance::Db,
+    path: PathBuf,
+    current_rev: AtomicI64,
+    /// Raw: -1 if never compacted.
+    compact_rev: AtomicI64,
+    /// Keeps `apply` and `restore_snapshot` one at a time, so the cached revisions follow the
+    /// commits in order.
+    writing: Mutex<()>,
+    /// Leases and their attached keys, matching the last commit (see `lease`).
+    leases: RwLock<lease::LeaseIndex>,
+}
+
+fn read_meta_revs(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<(i64, i64), MvccError> {
+    let get = |name: &str| -> Result<i64, MvccError> {
+        let v = meta
+            .get(name)?
+            .ok_or_else(|| MvccError::Corrupt(format!("meta {name} is missing")))?;
+        codec::decode_i64(name, v.value())
+    };
+    let (current, compact) = (get(META_CURRENT_REV)?, get(META_COMPACT_REV)?);
+    if current < FIRST_REV || compact < NEVER_COMPACTED || compact > current {
+        return Err(MvccError::Corrupt(format!(
+            "meta revisions current={current} compact={compact}"
+        )));
+    }
+    Ok((current, compact))
+}
+
+impl Mvcc {
+    /// Opens the store at `path`, creating it if missing. A file written in another format
+    /// version is refused with [`MvccError::UnsupportedFormat`].
+    pub fn open(path: &Path) -> Result<Mvcc, MvccError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        let fresh = txn.list_tables()?.next().is_none();
+        let (current, compact) = {
+            let mut meta = txn.open_table(META)?;
+            let version = meta
+                .get(META_FORMAT_VERSION)?
+                .map(|v| codec::decode_u32(META_FORMAT_VERSION, v.value()))
+                .transpose()?;
+            match version {
+                Some(FORMAT_VERSION) => {}
+                Some(found) => {
+                    return Err(MvccError::UnsupportedFormat {
+                        found,
+                        supported: FORMAT_VERSION,
+                    })
+                }
+                None if fresh => {
+                    meta.insert(META_FORMAT_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())?;
+                    meta.insert(META_CURRENT_REV, FIRST_REV.to_le_bytes().as_slice())?;
+                    meta.insert(META_COMPACT_REV, NEVER_COMPACTED.to_le_bytes().as_slice())?;
+                }
+                None => {
+                    return Err(MvccError::Corrupt(format!(
+                        "{} has tables but no format version: not an mvcc store",
+                        path.display()
+                    )))
+                }
+            }
+            txn.open_table(KV)?;
+            txn.open_table(REVS)?;
+            txn.open_table(LEASES)?;
+            read_meta_revs(&meta)?
+        };
+        txn.commit()?;
+        let mvcc = Mvcc {
+            db: maintenance::Db::new(db),
+            path: path.to_path_buf(),
+            current_rev: AtomicI64::new(current),
+            compact_rev: AtomicI64::new(compact),
+            writing: Mutex::new(()),
+            leases: RwLock::new(lease::LeaseIndex::default()),
+        };
+        {
+            let mut leases = mvcc.leases.write().unwrap_or_else(|e| e.into_inner());
+            mvcc.reload_leases(&mut leases)?;
+        }
+        Ok(mvcc)
+    }
+
+    /// Rebuilds the lease index from committed data, after a restore or a failed batch.
+    fn reload_leases(&self, index: &mut lease::LeaseIndex) -> Result<(), MvccError> {
+        let txn = self.db.begin_read()?;
+        *index = lease::LeaseIndex::load(&txn.open_table(LEASES)?, &txn.open_table(KV)?, index.seq())?;
+        Ok(())
+    }
+
+    /// etcd's Range on the committed state. Whether the read is linearizable is decided above.
+    /// The header has only `revision` filled: the newest revision at read time.
+    pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, EtcdError> {
+        validate::range(req)?;
+        let txn = self.db.begin_read().map_err(|e| storage_failed(e.into()))?;
+        let run = || -> Result<RangeResponse, Fail> {
+            let (current, compact) = read_meta_revs(&txn.open_table(META)?)?;
+            read::range_request(&txn.open_table(KV)?, req, current, compact)
+        };
+        run().map_err(Fail::into_etcd)
+    }
+
+    /// A txn that only reads (ranges and nested read-only txns, in both branches), served from
+    /// the committed state without going through the log, as etcd serves read-only txns. A txn
+    /// that writes is refused with InvalidArgument. Header as in [`Mvcc::range`].
+    pub fn read_txn(&self, req: &TxnRequest) -> Result<TxnResponse, EtcdError> {
+        let txn = self.db.begin_read().map_err(|e| storage_failed(e.into()))?;
+        let run = || -> Result<TxnResponse, Fail> {
+            let (current, compact) = read_meta_revs(&txn.open_table(META)?)?;
+            write::read_only_txn(&txn.open_table(KV)?, req, current, compact)
+        };
+        run().map_err(Fail::into_etcd)
+    }
+
+    /// Applies a batch of committed raft entries in one redb write transaction, together with
+    /// `raft_meta` (opaque bytes of the raft layer). `durable`: fsync before returning;
+    /// otherwise the commit may be lost in a crash (data and `raft_meta` together), and the raft
+    /// layer replays it from its log.
+    ///
+    /// `None` items (entries without a command) are skipped. Returns one result per `Some`
+    /// item, in order; a rejected command changed nothing. `Err` means storage failed and
+    /// nothing of the batch was committed.
+    pub fn apply(
+        &self,
+        batch: &[Option<&Command>],
+        raft_meta: &[u8],
+        durable: bool,
+    ) -> Result<Vec<Result<Applied, EtcdError>>, MvccError> {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        // Write-locked for the whole batch: the writer updates the index as it goes, and lease
+        // readers wait for the commit rather than see uncommitted attachments.
+        let mut leases = self.leases.write().unwrap_or_else(|e| e.into_inner());
+        let result = self.apply_batch(batch, raft_meta, durable, &mut leases);
+        if result.is_err() {
+            // Nothing of the batch was committed, but the index may hold some of it.
+            if let Err(e) = self.reload_leases(&mut leases) {
+                tracing::error!(error = %e, "rebuilding the lease index after a failed batch");
+            }
+        }
+        result
+    }
+
+    fn apply_batch(
+        &self,
+        batch: &[Option<&Command>],
+        raft_meta: &[u8],
+        durable: bool,
+        leases: &mut lease::LeaseIndex,
+    ) -> Result<Vec<Result<Applied, EtcdError>>, MvccError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })?;
+        let (results, current, compact) = {
+            let mut meta = txn.open_table(META)?;
+            let (rev, compact_rev) = read_meta_revs(&meta)?;
+            let tables = write::Tables {
+                kv: txn.open_table(KV)?,
+                revs: txn.open_table(REVS)?,
+                leases: txn.open_table(LEASES)?,
+            };
+            let mut writer = write::Writer {
+                tables,
+                leases,
+                rev,
+                compact_rev,
+            };
+            let mut results = Vec::with_capacity(batch.len());
+            for cmd in batch.iter().flatten() {
+                results.push(writer.apply(cmd)?);
+            }
+            assert!(
+                writer.rev >= rev && writer.compact_rev <= writer.rev,
+                "revisions went backwards"
+            );
+            meta.insert(META_CURRENT_REV, writer.rev.to_le_bytes().as_slice())?;
+            meta.insert(
+                META_COMPACT_REV,
+                writer.compact_rev.to_le_bytes().as_slice(),
+            )?;
+            meta.insert(META_RAFT_META, raft_meta)?;
+            (results, writer.rev, writer.compact_rev)
+        };
+        txn.commit()?;
+        self.current_rev.store(current, Ordering::Release);
+        self.compact_rev.store(compact, Ordering::Release);
+        Ok(results)
+    }
+
+    /// The bytes last given to [`Mvcc::apply`] (or restored from a snapshot); None on a new store.
+    pub fn raft_meta(&self) -> Result<Option<Vec<u8>>, MvccError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(meta.get(META_RAFT_META)?.map(|v| v.value().to_vec()))
+    }
+
+    /// The newest revision (1 on an empty store).
+    pub fn current_revision(&self) -> i64 {
+        self.current_rev.load(Ordering::Acquire)
+    }
+
+    /// The revision of the last compaction; 0 if never compacted.
+    pub fn compact_revision(&self) -> i64 {
+        self.compact_rev.load(Ordering::Acquire).max(0)
+    }
+
+    /// Size of the database file.
+    pub fn db_size_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Streams the whole state, `raft_meta` included, from one read transaction into `w`, in
+    /// the versioned and checksummed format of [`SNAPSHOT_VERSION`].
+    pub fn write_snapshot(&self, w: &mut dyn std::io::Write) -> Result<(), MvccError> {
+        let txn = self.db.begin_read()?;
+        snapshot::write(&txn, w)
+    }
+
+    /// Replaces the whole state with a snapshot from [`Mvcc::write_snapshot`], atomically: one
+    /// write transaction clears and refills the tables and only commits once every chunk's
+    /// checksum, the record count and the data format version have checked out. A rejected
+    /// snapshot leaves the state untouched.
+    pub fn restore_snapshot(&self, r: &mut dyn std::io::Read) -> Result<(), MvccError> {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut leases = self.leases.write().unwrap_or_else(|e| e.into_inner());
+        snapshot::restore(&self.db.shared(), r)?;
+        self.reload_leases(&mut leases)?;
+        let txn = self.db.begin_read()?;
+        let (current, compact) = read_meta_revs(&txn.open_table(META)?)?;
+        self.current_rev.store(current, Ordering::Release);
+        self.compact_rev.store(compact, Ordering::Release);
+        Ok(())
+    }
+
+    /// The changes after revision `after_rev`, in revision order, as watch events (`prev_kv`
+    /// filled where it still exists, never on a create).
+    ///
+    /// Never splits a revision: returns at most `limit` events (0 = no limit), or the first
+    /// revision's whole set if that alone is larger.
+    ///
+    /// A negative `after_rev` counts as 0. `Err(Compacted)` if `after_rev + 1` is below the
+    /// compaction revision, like etcd's watch.
+    /// As in etcd, the compaction revision itself is readable but incomplete: its deletes are
+    /// gone and its puts lack `prev_kv`. A caller that needs every change (the backup
+    /// archiver) should insist on `after_rev >= compact_revision()`.
+    pub fn events_since(&self, after_rev: i64, limit: usize) -> Result<Vec<Event>, EtcdError> {
+        let txn = self.db.begin_read().map_err(|e| storage_failed(e.into()))?;
+        let run = || -> Result<Vec<Event>, Fail> {
+            let (_, compact) = read_meta_revs(&txn.open_table(META)?)?;
+            let after_rev = after_rev.max(0);
+            if after_rev.saturating_add(1) < compact {
+                return Err(EtcdError::Compacted.into());
+            }
+            let kv = txn.open_table(KV)?;
+            let revs = txn.open_table(REVS)?;
+            let start = Rev {
+                main: after_rev.saturating_add(1),
+                sub: 0,
+            }
+            .to_u128();
+            let limit = if limit == 0 { usize::MAX } else { limit };
+            let mut events = Vec::new();
+            let mut pending: Vec<Event> = Vec::new();
+            let mut pending_main = None;
+            for entry in revs.range(start..)? {
+                let (k, v) = entry?;
+                let rev = Rev::from_u128(k.value());
+                if pending_main != Some(rev.main) {
+                    if !events.is_empty() && events.len() + pending.len() > limit {
+                        return Ok(events);
+                    }
+                    events.append(&mut pending);
+                    if events.len() >= limit {
+                        return Ok(events);
+                    }
+                    pending_main = Some(rev.main);
+                }
+                pending.push(event_at(&kv, codec::decode_rev_value(v.value())?, rev)?);
+            }
+            if events.is_empty() || events.len() + pending.len() <= limit {
+                events.append(&mut pending);
+            }
+            Ok(events)
+        };
+        run().map_err(Fail::into_etcd)
+    }
+}
+
+/// The watch event of the change stored at `rev` of `key`.
+fn event_at(kv: &impl read::KvRead, key: &[u8], rev: Rev) -> Result<Event, MvccError> {
+    let stored = kv.get(codec::kv_key(key, rev).as_slice())?.ok_or_else(|| {
+        MvccError::Corrupt(format!("revision {}/{} has no kv entry", rev.main, rev.sub))
+    })?;
+    let prev = || read::get_at(kv, key, rev.main - 1);
+    Ok(match Record::decode(stored.value())? {
+        Record::Tombstone => Event {
+            r#type: EventType::Delete as i32,
+            kv: Some(KeyValue {
+                key: key.to_vec(),
+                mod_revision: rev.main,
+                ..Default::default()
+            }),
+            prev_kv: prev()?,
+        },
+        put => {
+            let kv = put.into_key_value(key, rev.main).expect("a put");
+            let prev_kv = if kv.version == 1 { None } else { prev()? };
+            Event {
+                r#type: EventType::Put as i32,
+                kv: Some(kv),
+                prev_kv,
+            }
+        }
+    })
+}
