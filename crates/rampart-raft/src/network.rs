@@ -1,0 +1,225 @@
+//! Client half of the peer transport.
+//!
+//! Every raft message travels as one unary gRPC call `rampartpb.Peer/Raft` carrying a
+//! [`RpcKind`] and a postcard-encoded openraft message; the reply is a postcard-encoded
+//! `Result<Response, String>`. The server half (rampart-server) decodes with the same
+//! [`encode`]/[`decode`] pair, so both ends agree by construction.
+//!
+//! Connections are made lazily and kept per peer; tonic reconnects after a peer restarts.
+
+use std::future::Future;
+use std::io::Cursor;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::v2::RaftNetworkV2;
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::OptionalSend;
+use rampart_proto::rampartpb::peer_client::PeerClient;
+use rampart_proto::rampartpb::RaftRequest;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::codec;
+use crate::{MemberId, PeerNode, TypeConfig};
+
+type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
+type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
+
+/// Largest peer message (a full snapshot travels in one). Bounded so a bad peer cannot make us
+/// allocate without limit.
+pub const MAX_PEER_MESSAGE_BYTES: usize = 1 << 30;
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Least time given to an AppendEntries or snapshot RPC (see `PeerConnection::rpc`).
+const APPEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which raft message a `RaftRequest` carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum RpcKind {
+    AppendEntries = 1,
+    Vote = 2,
+    PreVote = 3,
+    FullSnapshot = 4,
+    TransferLeader = 5,
+    /// Not an openraft message: a follower asks the leader for a read index (etcd's ReadIndex),
+    /// then serves a linearizable read locally once it has applied that far.
+    ReadIndex = 6,
+    /// Not an openraft message: a follower forwards a client write (`Request`) to the leader.
+    Propose = 7,
+    /// Not an openraft message: a membership change (`AdminRequest`) forwarded to the leader.
+    Admin = 8,
+    /// Not an openraft message: a joining member asks a peer for the cluster id.
+    ClusterId = 9,
+    /// Not an openraft message: a lease keepalive or time-to-live question, which only the
+    /// leader can answer (it alone keeps the lease clocks), forwarded there by a follower.
+    Lease = 10,
+}
+
+impl RpcKind {
+    pub fn from_u32(v: u32) -> Option<RpcKind> {
+        use RpcKind::*;
+        [AppendEntries, Vote, PreVote, FullSnapshot, TransferLeader, ReadIndex, Propose, Admin, ClusterId, Lease].into_iter().find(|k| *k as u32 == v)
+    }
+}
+
+/// The payload of a full snapshot message.
+pub type SnapshotMessage = (Vote, openraft::type_config::alias::SnapshotMetaOf<TypeConfig>, Vec<u8>);
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    codec::encode(v)
+}
+
+pub fn decode<T: DeserializeOwned>(b: &[u8]) -> std::io::Result<T> {
+    codec::decode(b)
+}
+
+/// A lazily connected channel to a peer URL such as `http://127.0.0.1:2380`. Connections leave
+/// from `local_ip` when given (the member's peer listener address), so peer traffic between two
+/// members is identifiable by address pair: what network redundancy and fault injection key on.
+pub fn peer_channel(url: &str, local_ip: Option<IpAddr>) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(url.to_string())?
+        .local_address(local_ip)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy())
+}
+
+pub fn peer_client(url: &str, local_ip: Option<IpAddr>) -> Result<PeerClient<Channel>, tonic::transport::Error> {
+    Ok(PeerClient::new(peer_channel(url, local_ip)?)
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES))
+}
+
+/// Sends one raw peer RPC and decodes the `Result<Resp, String>` reply.
+pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+    client: &mut PeerClient<Channel>,
+    kind: RpcKind,
+    req: &Req,
+    timeout: Duration,
+) -> Result<Result<Resp, String>, tonic::Status> {
+    let mut request = tonic::Request::new(RaftRequest { kind: kind as u32, payload: encode(req) });
+    request.set_timeout(timeout);
+    let reply = client.raft(request).await?.into_inner();
+    decode(&reply.payload).map_err(|e| tonic::Status::internal(format!("undecodable peer reply: {e}")))
+}
+
+#[derive(Clone, Default)]
+pub struct PeerNetwork {
+    /// Source address for outgoing peer connections; `None` lets the kernel choose.
+    pub local_ip: Option<IpAddr>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: MemberId, node: &PeerNode) -> PeerConnection {
+        let url = node.peer_urls.first().cloned().unwrap_or_default();
+        PeerConnection { target, client: peer_client(&url, self.local_ip).map_err(|e| e.to_string()) }
+    }
+}
+
+pub struct PeerConnection {
+    target: MemberId,
+    client: Result<PeerClient<Channel>, String>,
+}
+
+impl PeerConnection {
+    async fn rpc<Req: Serialize, Resp: DeserializeOwned>(
+        &mut self,
+        kind: RpcKind,
+        req: &Req,
+        option: &RPCOption,
+        long: bool,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        let client = match &mut self.client {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                    "bad peer URL for member {:x}: {e}",
+                    self.target
+                ))))
+            }
+        };
+        // openraft hands AppendEntries a TTL of one heartbeat interval (50 ms by default). A batch
+        // of large entries cannot cross the wire in that time, and retrying it with the same TTL
+        // would never end: replication needs the time the bytes take. Heartbeats and votes keep
+        // the short TTL, which is what failure detection relies on.
+        let timeout = if long { option.hard_ttl().max(APPEND_TIMEOUT) } else { option.hard_ttl() };
+        match call::<Req, Resp>(client, kind, req, timeout).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(remote)) => Err(RPCError::Network(NetworkError::from_string(format!(
+                "member {:x} failed {kind:?}: {remote}",
+                self.target
+            )))),
+            Err(status) => {
+                let msg = format!("member {:x} {kind:?}: {status}", self.target);
+                match status.code() {
+                    // Connection refused or reset: back off instead of hammering a dead peer.
+                    tonic::Code::Unavailable => Err(RPCError::Unreachable(Unreachable::from_string(msg))),
+                    _ => Err(RPCError::Network(NetworkError::from_string(msg))),
+                }
+            }
+        }
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerConnection {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        // Entries get the long timeout; an empty AppendEntries is a heartbeat and keeps openraft's.
+        let long = !rpc.entries.is_empty();
+        self.rpc(RpcKind::AppendEntries, &rpc, &option, long).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(RpcKind::Vote, &rpc, &option, false).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(RpcKind::PreVote, &rpc, &option, false).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let msg: SnapshotMessage = (vote, snapshot.meta, snapshot.snapshot.into_inner());
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            res = self.rpc(RpcKind::FullSnapshot, &msg, &option, true) => Ok(res?),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(RpcKind::TransferLeader, &req, &option, false).await
+    }
+}

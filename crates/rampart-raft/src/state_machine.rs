@@ -1,0 +1,491 @@
+//! `RaftStateMachine` over the MVCC store.
+//!
+//! Each batch of committed entries is applied in one MVCC write transaction that also stores
+//! [`SmMeta`] (last applied log id, membership, published member attributes), so the data and
+//! the applied index can never disagree after a crash. Batches are committed without fsync: the
+//! raft log is the durable record, and the entries after the last durable MVCC commit are replayed
+//! from it on restart. Building a snapshot forces a durable commit first, because the log is purged
+//! behind a snapshot.
+//!
+//! Every applied change is published, in revision order, on the [`ChangeFeed`]: the watch hub,
+//! the backup archiver and a standby cluster consume the same stream.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, Cursor};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{Stream, TryStreamExt};
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend};
+use prost::Message;
+use rampart_core::{EtcdError, MemberId, Revision};
+use rampart_proto::mvccpb::Event;
+use rampart_proto::etcdserverpb::{request_op, AlarmMember, AlarmResponse, AlarmType, TxnRequest};
+use rampart_proto::rampartpb::{self, command, forward_reply, Command};
+use rampart_storage::meta;
+use rampart_storage::mvcc::{Mvcc, WriteResponse};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::auth::AuthStore;
+use crate::codec::{self, META_FORMAT_V1};
+use crate::{LogId, Membership, Reply, Request, TypeConfig};
+
+type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
+type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
+
+const SNAPSHOT_FILE: &str = "current.snap";
+/// Changes buffered for slow consumers of the feed before they see a `Lagged` error and must
+/// catch up from the MVCC history instead.
+pub const CHANGE_FEED_CAPACITY: usize = 4096;
+/// The MVCC store commits durably at least this often while entries are applied, so a member
+/// restarted after a crash replays at most about this much of its log before it serves (without
+/// it, everything since the last snapshot: up to `--snapshot-count` entries, seconds of replay in
+/// a debug build, during which the member answers nothing). etcd's backend commits every 100 ms.
+pub const MVCC_DURABLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Attributes a member publishes about itself through the log (etcd's `publish`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberAttrs {
+    pub name: String,
+    pub client_urls: Vec<String>,
+}
+
+/// What the state machine stores next to the data, atomically with it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SmMeta {
+    pub last_applied: Option<LogId>,
+    pub membership: Membership,
+    pub members: BTreeMap<MemberId, MemberAttrs>,
+    /// Active alarms as (member, `etcdserverpb::AlarmType` number), etcd's alarm store. Added in
+    /// [`SM_META_FORMAT_V2`].
+    pub alarms: BTreeSet<(MemberId, i32)>,
+    /// Users, roles and permissions. Added in [`SM_META_FORMAT_V3`].
+    pub auth: AuthStore,
+}
+
+impl SmMeta {
+    /// True if any member has raised an alarm of this kind.
+    pub fn has_alarm(&self, kind: AlarmType) -> bool {
+        self.alarms.iter().any(|(_, a)| *a == kind as i32)
+    }
+}
+
+/// Format of the stored [`SmMeta`]: version 1 had no `alarms`; version 2 appends them; version 3
+/// appends `auth`. postcard is positional, so a new field means a new version; older versions are
+/// still read.
+pub const SM_META_FORMAT_V2: u8 = 2;
+pub const SM_META_FORMAT_V3: u8 = 3;
+
+/// [`SmMeta`] as format version 2 stored it.
+#[derive(Deserialize)]
+struct SmMetaV2 {
+    last_applied: Option<LogId>,
+    membership: Membership,
+    members: BTreeMap<MemberId, MemberAttrs>,
+    alarms: BTreeSet<(MemberId, i32)>,
+}
+
+/// [`SmMeta`] as format version 1 stored it.
+#[derive(Deserialize)]
+struct SmMetaV1 {
+    last_applied: Option<LogId>,
+    membership: Membership,
+    members: BTreeMap<MemberId, MemberAttrs>,
+}
+
+pub fn encode_sm_meta(meta: &SmMeta) -> Vec<u8> {
+    codec::encode_versioned(SM_META_FORMAT_V3, meta)
+}
+
+pub fn decode_sm_meta(bytes: &[u8]) -> io::Result<SmMeta> {
+    const WHAT: &str = "state machine meta";
+    if bytes.first() == Some(&META_FORMAT_V1) {
+        let v1: SmMetaV1 = codec::decode_versioned(META_FORMAT_V1, bytes, WHAT)?;
+        return Ok(SmMeta {
+            last_applied: v1.last_applied,
+            membership: v1.membership,
+            members: v1.members,
+            alarms: BTreeSet::new(),
+            auth: AuthStore::default(),
+        });
+    }
+    if bytes.first() == Some(&SM_META_FORMAT_V2) {
+        let v2: SmMetaV2 = codec::decode_versioned(SM_META_FORMAT_V2, bytes, WHAT)?;
+        return Ok(SmMeta {
+            last_applied: v2.last_applied,
+            membership: v2.membership,
+            members: v2.members,
+            alarms: v2.alarms,
+            auth: AuthStore::default(),
+        });
+    }
+    codec::decode_versioned(SM_META_FORMAT_V3, bytes, WHAT)
+}
+
+/// Applies an alarm change (etcd's `applierV3backend.Alarm`); returns the encoded
+/// `AlarmResponse`: the alarm changed, or none if there was nothing to change.
+fn apply_alarm(meta: &mut SmMeta, activate: bool, member_id: MemberId, alarm: i32) -> Vec<u8> {
+    let entry = (member_id, alarm);
+    let changed = if activate { meta.alarms.insert(entry) } else { meta.alarms.remove(&entry) };
+    if changed {
+        tracing::warn!(member = format!("{member_id:x}"), alarm, activate, "alarm changed");
+    }
+    // etcd answers an ACTIVATE of an alarm already raised with that alarm too.
+    let alarms = if changed || activate { vec![AlarmMember { member_id, alarm }] } else { vec![] };
+    AlarmResponse { header: None, alarms }.encode_to_vec()
+}
+
+/// The error a KV write gets while alarms are raised (etcd's capped and corrupt appliers): with
+/// CORRUPT nothing is written; with NOSPACE whatever could grow the store (a put, a txn with a put
+/// in either branch, a lease grant) is refused, while deletes, compactions and lease revokes still
+/// run to free space.
+fn refused_by_alarm(meta: &SmMeta, cmd: &Command) -> Option<EtcdError> {
+    if meta.alarms.is_empty() {
+        return None;
+    }
+    if meta.has_alarm(AlarmType::Corrupt) {
+        return Some(EtcdError::Corrupt);
+    }
+    fn txn_puts(t: &TxnRequest) -> bool {
+        use request_op::Request as R;
+        t.success.iter().chain(&t.failure).any(|op| match &op.request {
+            Some(R::RequestPut(_)) => true,
+            Some(R::RequestTxn(t)) => txn_puts(t),
+            _ => false,
+        })
+    }
+    let grows = match &cmd.request {
+        Some(command::Request::Put(_)) => true,
+        Some(command::Request::Txn(t)) => txn_puts(t),
+        Some(command::Request::LeaseGrant(_)) => true,
+        _ => false,
+    };
+    (grows && meta.has_alarm(AlarmType::Nospace)).then_some(EtcdError::NoSpace)
+}
+
+/// One applied write: the revision it produced and the events it caused.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub revision: Revision,
+    pub events: Vec<Event>,
+}
+
+pub type ChangeFeed = broadcast::Sender<Arc<Change>>;
+
+/// State shared between the state machine (driven by openraft) and the server's read path.
+pub struct Shared {
+    pub mvcc: Mvcc,
+    meta: Mutex<SmMeta>,
+    /// The auth store as of the last applied entry, for the request path: checking a request
+    /// must neither wait for an apply batch (which holds `meta`) nor clone the users and roles.
+    auth: std::sync::RwLock<Arc<AuthStore>>,
+    /// When the MVCC store last committed durably (see [`MVCC_DURABLE_INTERVAL`]).
+    durable_at: Mutex<Instant>,
+    snapshot_dir: PathBuf,
+    pub feed: ChangeFeed,
+}
+
+impl Shared {
+    pub fn meta(&self) -> SmMeta {
+        self.meta.lock().unwrap().clone()
+    }
+
+    /// The auth store as of the last applied entry.
+    pub fn auth(&self) -> Arc<AuthStore> {
+        self.auth.read().unwrap().clone()
+    }
+
+    fn publish_auth(&self, auth: &AuthStore) {
+        let mut current = self.auth.write().unwrap();
+        if **current != *auth {
+            *current = Arc::new(auth.clone());
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct StateMachine {
+    shared: Arc<Shared>,
+}
+
+fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+impl StateMachine {
+    pub fn open(mvcc_path: &Path, snapshot_dir: &Path) -> io::Result<StateMachine> {
+        std::fs::create_dir_all(snapshot_dir)?;
+        let mvcc = Mvcc::open(mvcc_path).map_err(io_err)?;
+        let sm_meta = match mvcc.raft_meta().map_err(io_err)? {
+            Some(bytes) => decode_sm_meta(&bytes)?,
+            None => SmMeta::default(),
+        };
+        let (feed, _) = broadcast::channel(CHANGE_FEED_CAPACITY);
+        let auth = std::sync::RwLock::new(Arc::new(sm_meta.auth.clone()));
+        Ok(StateMachine {
+            shared: Arc::new(Shared {
+                mvcc,
+                auth,
+                durable_at: Mutex::new(Instant::now()),
+                meta: Mutex::new(sm_meta),
+                snapshot_dir: snapshot_dir.to_path_buf(),
+                feed,
+            }),
+        })
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    fn snapshot_path(&self) -> PathBuf {
+        self.shared.snapshot_dir.join(SNAPSHOT_FILE)
+    }
+
+    fn save_snapshot(&self, snap_meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
+        let bytes = codec::encode_versioned(META_FORMAT_V1, &(snap_meta, data));
+        meta::write_atomic(&self.snapshot_path(), &bytes).map_err(io_err)
+    }
+}
+
+/// Encodes an MVCC write response the way it travels back to a forwarding follower.
+pub fn encode_reply(resp: WriteResponse) -> Vec<u8> {
+    let response = match resp {
+        WriteResponse::Put(r) => forward_reply::Response::Put(r),
+        WriteResponse::DeleteRange(r) => forward_reply::Response::DeleteRange(r),
+        WriteResponse::Txn(r) => forward_reply::Response::Txn(r),
+        WriteResponse::Compaction(r) => forward_reply::Response::Compaction(r),
+        WriteResponse::LeaseGrant(r) => forward_reply::Response::LeaseGrant(r),
+        WriteResponse::LeaseRevoke(r) => forward_reply::Response::LeaseRevoke(r),
+    };
+    rampartpb::ForwardReply { response: Some(response) }.encode_to_vec()
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), io::Error> {
+        let m = self.shared.meta.lock().unwrap();
+        Ok((m.last_applied.clone(), m.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, entries: Strm) -> Result<(), io::Error>
+    where Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend {
+        let items: Vec<EntryResponder<TypeConfig>> = entries.try_collect().await?;
+        if items.is_empty() {
+            return Ok(());
+        }
+
+        // Decode first, so one MVCC transaction covers the whole batch.
+        let mut meta = self.shared.meta.lock().unwrap();
+        let mut next_meta = meta.clone();
+        let mut commands: Vec<Option<Command>> = Vec::with_capacity(items.len());
+        // Per entry: Some(Ok(index into MVCC results)) for KV writes, or a reply decided here.
+        let mut plan: Vec<Result<usize, Reply>> = Vec::with_capacity(items.len());
+        for (entry, _) in &items {
+            next_meta.last_applied = Some(entry.log_id.clone());
+            match &entry.payload {
+                EntryPayload::Blank => plan.push(Err(Reply(Ok(Vec::new())))),
+                EntryPayload::Membership(m) => {
+                    next_meta.membership = Membership::new(Some(entry.log_id.clone()), m.clone());
+                    plan.push(Err(Reply(Ok(Vec::new()))));
+                }
+                EntryPayload::Normal(Request::PublishMember { id, name, client_urls }) => {
+                    next_meta
+                        .members
+                        .insert(*id, MemberAttrs { name: name.clone(), client_urls: client_urls.clone() });
+                    plan.push(Err(Reply(Ok(Vec::new()))));
+                }
+                EntryPayload::Normal(Request::Alarm { activate, member_id, alarm }) => {
+                    plan.push(Err(Reply(Ok(apply_alarm(&mut next_meta, *activate, *member_id, *alarm)))));
+                }
+                EntryPayload::Normal(Request::Auth(op)) => {
+                    let result = next_meta.auth.apply(op);
+                    if result.is_ok() {
+                        tracing::info!(op = op.name(), revision = next_meta.auth.revision, "auth store changed");
+                    }
+                    plan.push(Err(Reply(result.map(|()| Vec::new()))));
+                }
+                EntryPayload::Normal(Request::Kv(bytes)) => match Command::decode(bytes.as_slice()) {
+                    // Alarms raised earlier in this batch count: every member decides alike.
+                    Ok(cmd) => match refused_by_alarm(&next_meta, &cmd) {
+                        Some(e) => plan.push(Err(Reply(Err(e)))),
+                        None => {
+                            plan.push(Ok(commands.len()));
+                            commands.push(Some(cmd));
+                        }
+                    },
+                    // Clients cannot reach this: the server validated and encoded the command.
+                    // A bad record is answered as an error on every member alike, so replicas
+                    // stay identical.
+                    Err(e) => plan.push(Err(Reply(Err(EtcdError::internal(format!("undecodable command: {e}")))))),
+                },
+            }
+        }
+
+        let batch: Vec<Option<&Command>> = commands.iter().map(|c| c.as_ref()).collect();
+        let meta_bytes = encode_sm_meta(&next_meta);
+        let durable = {
+            let mut at = self.shared.durable_at.lock().unwrap();
+            let due = at.elapsed() >= MVCC_DURABLE_INTERVAL;
+            if due {
+                *at = Instant::now();
+            }
+            due
+        };
+        let results = self.shared.mvcc.apply(&batch, &meta_bytes, durable).map_err(io_err)?;
+        if next_meta.auth.revision != meta.auth.revision {
+            self.shared.publish_auth(&next_meta.auth);
+        }
+        *meta = next_meta;
+        drop(meta);
+
+        let mut results: Vec<Option<Result<rampart_storage::mvcc::Applied, EtcdError>>> =
+            results.into_iter().map(Some).collect();
+        for ((_, responder), step) in items.into_iter().zip(plan) {
+            let reply = match step {
+                Err(reply) => reply,
+                Ok(i) => match results[i].take().expect("one MVCC result per command") {
+                    Ok(applied) => {
+                        if !applied.events.is_empty() {
+                            // No receiver is fine: nobody is watching.
+                            let _ = self
+                                .shared
+                                .feed
+                                .send(Arc::new(Change { revision: applied.revision, events: applied.events }));
+                        }
+                        Reply(Ok(encode_reply(applied.response)))
+                    }
+                    Err(e) => Reply(Err(e)),
+                },
+            };
+            if let Some(responder) = responder {
+                responder.send(reply);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, snap_meta: &SnapshotMeta, snapshot: Cursor<Vec<u8>>) -> Result<(), io::Error> {
+        let data = snapshot.into_inner();
+        let mut meta = self.shared.meta.lock().unwrap();
+        // restore_snapshot verifies the checksum before it replaces anything.
+        self.shared.mvcc.restore_snapshot(&mut data.as_slice()).map_err(io_err)?;
+        let restored: SmMeta = match self.shared.mvcc.raft_meta().map_err(io_err)? {
+            Some(bytes) => decode_sm_meta(&bytes)?,
+            None => SmMeta::default(),
+        };
+        if restored.last_applied != snap_meta.last_log_id {
+            return Err(io::Error::other(format!(
+                "snapshot data is at {:?} but its meta says {:?}",
+                restored.last_applied, snap_meta.last_log_id
+            )));
+        }
+        self.shared.publish_auth(&restored.auth);
+        *meta = restored;
+        drop(meta);
+        self.save_snapshot(snap_meta, &data)
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let Some(bytes) = meta::read(&self.snapshot_path()).map_err(io_err)? else {
+            return Ok(None);
+        };
+        let (snap_meta, data): (SnapshotMeta, Vec<u8>) =
+            codec::decode_versioned(META_FORMAT_V1, &bytes, "snapshot file")?;
+        Ok(Some(Snapshot { meta: snap_meta, snapshot: Cursor::new(data) }))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let (snap_meta, data) = {
+            // Holding the meta lock stops applies, so the data and its log id match exactly.
+            let meta = self.shared.meta.lock().unwrap();
+            let meta_bytes = encode_sm_meta(&meta);
+            // The log will be purged behind this snapshot: make the MVCC state durable first.
+            self.shared.mvcc.apply(&[], &meta_bytes, true).map_err(io_err)?;
+            let mut data = Vec::new();
+            self.shared.mvcc.write_snapshot(&mut data).map_err(io_err)?;
+            let snap_meta = SnapshotMeta { last_log_id: meta.last_applied.clone(), last_membership: meta.membership.clone() };
+            (snap_meta, data)
+        };
+        self.save_snapshot(&snap_meta, &data)?;
+        Ok(Snapshot { meta: snap_meta, snapshot: Cursor::new(data) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rampart_proto::etcdserverpb::{request_op::Request as R, DeleteRangeRequest, PutRequest, RequestOp};
+
+    #[test]
+    fn sm_meta_version_1_is_still_read() {
+        #[derive(Serialize)]
+        struct V1 {
+            last_applied: Option<LogId>,
+            membership: Membership,
+            members: BTreeMap<MemberId, MemberAttrs>,
+        }
+        let members = BTreeMap::from([(7, MemberAttrs { name: "m7".into(), client_urls: vec!["http://a:1".into()] })]);
+        let last_applied = Some(openraft::testing::log_id::<TypeConfig>(2, 1, 9));
+        let old = codec::encode_versioned(META_FORMAT_V1, &V1 { last_applied, membership: Membership::default(), members: members.clone() });
+        let meta = decode_sm_meta(&old).unwrap();
+        assert_eq!(meta, SmMeta { last_applied, membership: Membership::default(), members, alarms: BTreeSet::new(), auth: AuthStore::default() });
+
+        let mut with_alarm = meta.clone();
+        with_alarm.alarms.insert((7, AlarmType::Nospace as i32));
+        assert_eq!(decode_sm_meta(&encode_sm_meta(&with_alarm)).unwrap(), with_alarm);
+        // Version 2 (alarms, no auth) is read too.
+        #[derive(Serialize)]
+        struct V2<'a>(&'a Option<LogId>, &'a Membership, &'a BTreeMap<MemberId, MemberAttrs>, &'a BTreeSet<(MemberId, i32)>);
+        let v2 = codec::encode_versioned(SM_META_FORMAT_V2, &V2(&with_alarm.last_applied, &with_alarm.membership, &with_alarm.members, &with_alarm.alarms));
+        assert_eq!(decode_sm_meta(&v2).unwrap(), with_alarm);
+        let mut with_auth = with_alarm.clone();
+        with_auth.auth.apply(&crate::auth::AuthOp::RoleAdd { name: "r".into() }).unwrap();
+        assert_eq!(decode_sm_meta(&encode_sm_meta(&with_auth)).unwrap(), with_auth);
+        let err = decode_sm_meta(&[9, 0]).unwrap_err().to_string();
+        assert!(err.contains("unknown format version 9"), "{err}");
+    }
+
+    #[test]
+    fn nospace_refuses_only_writes_that_grow_the_store() {
+        let put = || PutRequest { key: b"k".to_vec(), ..Default::default() };
+        let del = || DeleteRangeRequest { key: b"k".to_vec(), ..Default::default() };
+        let cmd = |r: command::Request| Command { request: Some(r) };
+        let txn = |ops: Vec<R>| TxnRequest { failure: ops.into_iter().map(|r| RequestOp { request: Some(r) }).collect(), ..Default::default() };
+        let mut meta = SmMeta::default();
+        assert_eq!(refused_by_alarm(&meta, &cmd(command::Request::Put(put()))), None);
+
+        let r = AlarmResponse::decode(apply_alarm(&mut meta, true, 5, AlarmType::Nospace as i32).as_slice()).unwrap();
+        assert_eq!(r.alarms, vec![AlarmMember { member_id: 5, alarm: AlarmType::Nospace as i32 }]);
+        assert_eq!(refused_by_alarm(&meta, &cmd(command::Request::Put(put()))), Some(EtcdError::NoSpace));
+        let nested = txn(vec![R::RequestTxn(txn(vec![R::RequestPut(put())]))]);
+        assert_eq!(refused_by_alarm(&meta, &cmd(command::Request::Txn(nested))), Some(EtcdError::NoSpace));
+        assert_eq!(refused_by_alarm(&meta, &cmd(command::Request::DeleteRange(del()))), None);
+        assert_eq!(refused_by_alarm(&meta, &cmd(command::Request::Txn(txn(vec![R::RequestDeleteRange(del())])))), None);
+        let grant = rampart_proto::etcdserverpb::LeaseGrantRequest { id: 1, ttl: 5 };
+        assert_eq!(refused_by_alarm(&meta, &cmd(command::Request::LeaseGrant(grant))), Some(EtcdError::NoSpace));
+        let revoke = rampart_proto::etcdserverpb::LeaseRevokeRequest { id: 1 };
+        assert_eq!(refused_by_alarm(&meta, &cmd(command::Request::LeaseRevoke(revoke))), None);
+
+        // Disarming an alarm that is not raised changes nothing and reports nothing.
+        let r = AlarmResponse::decode(apply_alarm(&mut meta, false, 6, AlarmType::Nospace as i32).as_slice()).unwrap();
+        assert!(r.alarms.is_empty());
+        apply_alarm(&mut meta, false, 5, AlarmType::Nospace as i32);
+        assert_eq!(refused_by_alarm(&meta, &cmd(command::Request::Put(put()))), None);
+        apply_alarm(&mut meta, true, 5, AlarmType::Corrupt as i32);
+        assert_eq!(refused_by_alarm(&meta, &cmd(command::Request::DeleteRange(del()))), Some(EtcdError::Corrupt));
+    }
+}
