@@ -69,6 +69,30 @@ impl LogStore {
         meta::write_atomic(&self.dir.join(file), &codec::encode_versioned(META_FORMAT_V1, value)).map_err(io_err)
     }
 
+    /// The commit hint `c` if this log can back it: the entry it names is in the log, or was
+    /// purged behind a snapshot (which the state machine already holds). The hint is written
+    /// without allocating (overwritten in place) while the entries it covers may still have been
+    /// only in memory, so when the disk fills up, or power fails, it can name entries that never
+    /// reached the log. openraft re-applies up to the hint on start and refuses to start when the
+    /// entries are missing, so such a hint would keep the member down for good (bug 6 in
+    /// docs/robustness.md). Without it the member learns the commit index from the leader.
+    fn hint_if_held(&self, c: LogId) -> io::Result<Option<LogId>> {
+        let purged: Option<LogId> = self.read_meta(PURGED_FILE)?;
+        if purged.as_ref().is_some_and(|p| c.index <= p.index) {
+            return Ok(Some(c));
+        }
+        let held = match self.inner.lock().unwrap().read(c.index).map_err(io_err)? {
+            Some(bytes) => codec::decode_entry(&bytes)?.log_id == c,
+            None => false,
+        };
+        if held {
+            Ok(Some(c))
+        } else {
+            tracing::warn!(hint = %c, "ignoring a commit hint that names an entry the log does not hold (its unsynced tail was lost)");
+            Ok(None)
+        }
+    }
+
     pub fn size_bytes(&self) -> u64 {
         self.inner.lock().unwrap().size_bytes()
     }
@@ -176,7 +200,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         match meta::read(&self.dir.join(COMMITTED_FILE)) {
             Ok(Some(bytes)) => match codec::decode_versioned::<Option<LogId>>(META_FORMAT_V1, &bytes, COMMITTED_FILE) {
-                Ok(c) => Ok(c),
+                Ok(Some(c)) => self.hint_if_held(c),
+                Ok(None) => Ok(None),
                 Err(e) => {
                     tracing::warn!(%e, "ignoring unreadable commit hint");
                     Ok(None)
@@ -215,5 +240,82 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // between the two steps leaves extra records that are never read, never a gap.
         self.write_meta(PURGED_FILE, &log_id)?;
         self.inner.lock().unwrap().purge_to(log_id.index).map_err(io_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::entry::RaftEntry;
+    use openraft::storage::StorageHelper;
+    use openraft::testing::log_id;
+
+    use super::*;
+    use crate::state_machine::StateMachine;
+
+    /// Opens the log, waiting for a dropped store's syncer thread to let go of it.
+    fn reopen(dir: &Path) -> LogStore {
+        for _ in 0..100 {
+            match LogStore::open(dir) {
+                Ok(log) => return log,
+                Err(e) if e.to_string().contains("already open") => std::thread::sleep(std::time::Duration::from_millis(10)),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("the raft log stayed locked");
+    }
+
+    fn id(index: u64) -> LogId {
+        log_id::<TypeConfig>(1, 1, index)
+    }
+
+    /// Entries 0..=5 (openraft starts at 0) durable in the log, then a commit hint for `hint`, as a member leaves them
+    /// when its disk fills up after the hint was written but before entries above 5 were.
+    fn member_dir_with_hint(hint: LogId) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = reopen(&dir.path().join("wal"));
+        {
+            let mut inner = log.inner.lock().unwrap();
+            for i in 0..=5 {
+                inner.append(i, &codec::encode_entry(&Entry::new_blank(id(i)))).unwrap();
+            }
+            inner.sync().unwrap();
+        }
+        futures::executor::block_on(log.save_committed(Some(hint))).unwrap();
+        dir
+    }
+
+    /// What a member does first on start; returns what its state machine has applied after it.
+    async fn start(dir: &Path) -> Result<Option<LogId>, openraft::StorageError<TypeConfig>> {
+        use openraft::storage::RaftStateMachine;
+        let mut log = reopen(&dir.join("wal"));
+        let mut sm = StateMachine::open(&dir.join("kv.redb"), &dir.join("snap")).unwrap();
+        StorageHelper::new(&mut log, &mut sm).with_id(1).get_initial_state().await?;
+        Ok(sm.applied_state().await.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn a_commit_hint_ahead_of_the_log_does_not_keep_the_member_down() {
+        // Bug 6: openraft re-applies up to the hint on start and refused to start at all when
+        // the entries it names were lost with the unsynced tail.
+        let dir = member_dir_with_hint(id(8));
+        let mut log = reopen(&dir.path().join("wal"));
+        assert_eq!(log.read_committed().await.unwrap(), None);
+        drop(log);
+        assert_eq!(start(dir.path()).await.expect("the member starts"), None);
+
+        // A hint naming an entry the log holds under another term is not backed either.
+        let dir = member_dir_with_hint(log_id::<TypeConfig>(2, 1, 4));
+        let mut log = reopen(&dir.path().join("wal"));
+        assert_eq!(log.read_committed().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_commit_hint_the_log_holds_is_used() {
+        let dir = member_dir_with_hint(id(4));
+        let mut log = reopen(&dir.path().join("wal"));
+        assert_eq!(log.read_committed().await.unwrap(), Some(id(4)));
+        drop(log);
+        // Start re-applies the committed entries to the (empty) state machine.
+        assert_eq!(start(dir.path()).await.unwrap(), Some(id(4)));
     }
 }

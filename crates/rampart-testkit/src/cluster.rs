@@ -232,6 +232,18 @@ impl Cluster {
         Some((s.header.map(|h| h.member_id).unwrap_or(0), s.leader, s.raft_term))
     }
 
+    /// Whether member `i` answers Status within `timeout` (with or without a leader).
+    pub async fn answers_within(&self, i: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.status(i).await.is_some() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
     /// The member every reachable running member agrees is leader.
     pub async fn leader(&self) -> Option<usize> {
         let mut ids = Vec::new();
@@ -281,7 +293,10 @@ impl Cluster {
             }
             if Instant::now() > deadline {
                 if restarted {
-                    bail!("status of the member to replace: no answer, even after a restart");
+                    bail!(
+                        "status of the member to replace: no answer, even after a restart\n{}",
+                        self.diagnose(i)
+                    );
                 }
                 eprintln!("chaos: member {i} does not answer Status; restarting it before replacing it");
                 self.kill(i);
@@ -382,6 +397,33 @@ impl Cluster {
 
     /// Fills the file system holding member `i`'s data dir until it is full (a ballast file) and
     /// returns the ballast's path; remove it to heal.
+    /// What an operator would look at when member `i` misbehaves: the files in its data dir with
+    /// their sizes, and the end of its log.
+    pub fn diagnose(&self, i: usize) -> String {
+        let mut out = format!("member {i} data dir {}:\n", self.members[i].data_dir.display());
+        fn walk(dir: &Path, out: &mut String, depth: usize) {
+            let Ok(rd) = std::fs::read_dir(dir) else { return };
+            for e in rd.flatten() {
+                let meta = e.metadata().ok();
+                let len = meta.as_ref().map(|m| m.len()).unwrap_or(0);
+                out.push_str(&format!("  {:>12} {}\n", len, e.path().display()));
+                if depth < 3 && meta.map(|m| m.is_dir()).unwrap_or(false) {
+                    walk(&e.path(), out, depth + 1);
+                }
+            }
+        }
+        walk(&self.members[i].data_dir, &mut out, 0);
+        let log = self.log(i);
+        let lines: Vec<&str> = log.lines().collect();
+        out.push_str(&format!("member {i} log, last lines:\n"));
+        for l in &lines[lines.len().saturating_sub(40)..] {
+            out.push_str("  ");
+            out.push_str(l);
+            out.push('\n');
+        }
+        out
+    }
+
     pub fn fill_disk(&self, i: usize) -> anyhow::Result<PathBuf> {
         let ballast = self.members[i].data_dir.join("BALLAST");
         let mut f = std::fs::File::create(&ballast)?;
