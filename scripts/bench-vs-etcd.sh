@@ -95,18 +95,25 @@ start_cluster() {
     done
     cluster+="${cluster:+,}m$i=$(peer_url "$system" "$i")"
   done
+  echo "$cluster" >"$work/$system.cluster"
   for i in 1 2 3; do
-    local cmd
-    if [ "$system" = etcd ]; then cmd=(etcd); else cmd=("$rampart" serve); fi
-    mkdir -p "$work/$system"
-    "${cmd[@]}" --name "m$i" --data-dir "$work/$system/m$i" \
-      --listen-client-urls "$(client_url "$system" "$i")" --advertise-client-urls "$(client_url "$system" "$i")" \
-      --listen-peer-urls "$(peer_url "$system" "$i")" --initial-advertise-peer-urls "$(peer_url "$system" "$i")" \
-      --initial-cluster "$cluster" --initial-cluster-token "bench-$system" --initial-cluster-state new \
-      >"$work/$system/m$i.log" 2>&1 &
-    pids+=($!)
-    echo $! >"$work/$system/m$i.pid"
+    start_member "$system" "$i"
   done
+}
+
+# start_member SYSTEM MEMBER: (re)starts one member with the same flags (an existing data dir is
+# reused, as after a crash).
+start_member() {
+  local system=$1 i=$2 cmd
+  if [ "$system" = etcd ]; then cmd=(etcd); else cmd=("$rampart" serve); fi
+  mkdir -p "$work/$system"
+  "${cmd[@]}" --name "m$i" --data-dir "$work/$system/m$i" \
+    --listen-client-urls "$(client_url "$system" "$i")" --advertise-client-urls "$(client_url "$system" "$i")" \
+    --listen-peer-urls "$(peer_url "$system" "$i")" --initial-advertise-peer-urls "$(peer_url "$system" "$i")" \
+    --initial-cluster "$(cat "$work/$system.cluster")" --initial-cluster-token "bench-$system" --initial-cluster-state new \
+    >>"$work/$system/m$i.log" 2>&1 &
+  pids+=($!)
+  echo $! >"$work/$system/m$i.pid"
 }
 
 # host:port without the scheme: `etcdctl endpoint status` 3.4 sends an http:// endpoint as the
@@ -227,6 +234,81 @@ if [ -n "${BENCH_PROFILE:-}" ]; then
 fi
 cp "$results" "$repo/target/bench-vs-etcd-results.jsonl"
 
+# (c2) Capacity: memory per member after 1 million 256-byte keys, then the time a restarted member
+# holding about 1 GiB takes to serve reads. On by default; BENCH_CAPACITY=0 skips it (it adds
+# several minutes: every key is written through the cluster).
+capacity=$work/capacity.jsonl
+: >"$capacity"
+if [ "${BENCH_CAPACITY:-1}" != 0 ]; then
+  cap_keys=${BENCH_CAPACITY_KEYS:-1000000}
+  big_keys=${BENCH_CAPACITY_BIG_KEYS:-80000}
+  big_value=8192
+  rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
+  # db_size SYSTEM MEMBER: the member's own dbSize from Maintenance.Status.
+  db_size() {
+    local u; u=$(client_url "$1" "$2")
+    etcdctl --endpoints="${u#http://}" endpoint status -w json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["Status"]["dbSize"])'
+  }
+  for system in etcd rampart; do
+    log "capacity: writing $cap_keys keys of $value_size B to $system"
+    started=$(date +%s.%N)
+    timeout -k 5 1800 "${bench[@]}" --endpoints "${eps[$system]}" --key-size $key_size --value-size $value_size \
+      --key-space "$cap_keys" --prefill --clients 256 --connections 3 --workload range-serializable --total 1 \
+      --progress-interval 0 >/dev/null 2>"$work/$system-capacity.err" || { cat "$work/$system-capacity.err" >&2; exit 1; }
+    load_s=$(python3 -c "import sys,time; print(round(time.time() - float(sys.argv[1]), 1))" "$started")
+    sleep 5 # let followers finish applying
+    rss=()
+    dbs=()
+    for i in 1 2 3; do
+      rss+=("$(rss_kib "$(cat "$work/$system/m$i.pid")")")
+      dbs+=("$(db_size "$system" "$i")")
+    done
+    log "capacity: $system RSS per member (KiB): ${rss[*]}; db sizes: ${dbs[*]}; load took ${load_s}s"
+    log "capacity: writing $big_keys keys of $big_value B to $system"
+    timeout -k 5 1800 "${bench[@]}" --endpoints "${eps[$system]}" --key-size 12 --value-size $big_value \
+      --key-space "$big_keys" --prefill --clients 64 --connections 3 --workload range-serializable --total 1 \
+      --progress-interval 0 >/dev/null 2>>"$work/$system-capacity.err" || { cat "$work/$system-capacity.err" >&2; exit 1; }
+    sleep 5
+    # A follower: SIGKILL (a crash), restart with the same flags, and time its first serializable
+    # read (served from its own state) and first linearizable read (it has rejoined the cluster).
+    leader_url=$(leader_first "$system"); leader_url=${leader_url%%,*}
+    victim=""
+    for i in 1 2 3; do
+      [ "$(client_url "$system" "$i")" != "http://$leader_url" ] && [ -z "$victim" ] && victim=$i
+    done
+    victim_db=$(db_size "$system" "$victim")
+    victim_url=$(client_url "$system" "$victim")
+    pid=$(cat "$work/$system/m$victim.pid")
+    kill -KILL "$pid"
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+    log "capacity: restarting $system member m$victim (dbSize $victim_db)"
+    started=$(date +%s.%N)
+    start_member "$system" "$victim"
+    times=$(python3 - "${victim_url#http://}" "$started" <<'PY'
+import subprocess, sys, time
+ep, started = sys.argv[1], float(sys.argv[2])
+def first_ok(extra):
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        r = subprocess.run(["etcdctl", "--endpoints=" + ep, "--command-timeout=1s", "get", "00000001"] + extra,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if r.returncode == 0:
+            return round((time.time() - started) * 1000)
+        time.sleep(0.02)
+    return None
+s = first_ok(["--consistency=s"])
+l = first_ok([])
+print(s, l)
+PY
+)
+    read -r serial_ms linear_ms <<<"$times"
+    log "capacity: $system m$victim serves a serializable read after ${serial_ms} ms, a linearizable one after ${linear_ms} ms"
+    python3 -c 'import json,sys; a=sys.argv; print(json.dumps({"system":a[1],"keys":int(a[2]),"rss_kib":[int(x) for x in a[3].split()],"db_bytes":[int(x) for x in a[4].split()],"load_s":float(a[5]),"restart_db_bytes":int(a[6]),"serializable_ms":None if a[7]=="None" else int(a[7]),"linearizable_ms":None if a[8]=="None" else int(a[8])}))' \
+      "$system" "$cap_keys" "${rss[*]}" "${dbs[*]}" "$load_s" "$victim_db" "$serial_ms" "$linear_ms" >>"$capacity"
+  done
+  cp "$capacity" "$repo/target/bench-vs-etcd-capacity.jsonl"
+fi
+
 # (d) The table, into $out between the markers.
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [ -n "$(git status --porcelain 2>/dev/null)" ]; then commit="$commit (with uncommitted changes)"; fi
@@ -291,4 +373,48 @@ else:
 open(out, "w").write(text)
 print(table)
 EOF
+if [ -s "$capacity" ]; then
+python3 - "$capacity" "$out" "$(date -u '+%Y-%m-%d %H:%M UTC')" "$commit" <<'EOF'
+import json, os, re, sys
+capacity, out, date, commit = sys.argv[1:]
+by = {r["system"]: r for r in map(json.loads, open(capacity))}
+e, r = by.get("etcd"), by.get("rampart")
+mib = lambda b: b / 1048576
+def row(name, f, fmt):
+    ev, rv = (f(x) if x else None for x in (e, r))
+    cell = lambda v: "–" if v is None else fmt.format(v)
+    ratio = f"{rv / ev:.2f}" if ev and rv is not None else "–"
+    return f"| {name} | {cell(ev)} | {cell(rv)} | {ratio} |"
+mean = lambda xs: sum(xs) / len(xs)
+keys = (e or r)["keys"]
+lines = [
+    f"Measured {date} at commit `{commit}` by `scripts/bench-vs-etcd.sh` (capacity phase), same clusters as above.",
+    "",
+    f"{keys:,} keys of 256 B written through the cluster (256 clients), RSS of each member read from /proc afterwards; "
+    "then 8 KiB values added until each member holds about 1 GiB, a follower killed with SIGKILL and restarted with the "
+    "same flags, and the time from its start to its first successful `etcdctl get` measured (serializable: served from "
+    "its own state; linearizable: it has rejoined the cluster). Lower is better in every row.",
+    "",
+    "| measure | etcd | rampart | rampart/etcd |",
+    "|---|---:|---:|---:|",
+    row(f"RSS per member after {keys:,} keys, MiB (mean of 3)", lambda x: mib(mean(x["rss_kib"]) * 1024), "{:,.0f}"),
+    row(f"RSS per member after {keys:,} keys, MiB (largest)", lambda x: mib(max(x["rss_kib"]) * 1024), "{:,.0f}"),
+    row(f"dbSize per member after {keys:,} keys, MiB (mean)", lambda x: mib(mean(x["db_bytes"])), "{:,.0f}"),
+    row("dbSize of the restarted member, MiB", lambda x: mib(x["restart_db_bytes"]), "{:,.0f}"),
+    row("restart to first serializable read, ms", lambda x: x["serializable_ms"], "{:,}"),
+    row("restart to first linearizable read, ms", lambda x: x["linearizable_ms"], "{:,}"),
+    row(f"time to write the {keys:,} keys, s", lambda x: x["load_s"], "{:,.1f}"),
+]
+table = "\n".join(lines)
+begin, end = "<!-- bench-capacity:begin -->", "<!-- bench-capacity:end -->"
+block = f"{begin}\n{table}\n{end}"
+text = open(out).read()
+if begin in text and end in text:
+    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+else:
+    text = text.replace("<!-- bench-vs-etcd:end -->", "<!-- bench-vs-etcd:end -->\n\n### Memory and restart\n\n" + block, 1)
+open(out, "w").write(text)
+print(table)
+EOF
+fi
 log "wrote $out"
