@@ -210,7 +210,12 @@ fn main() -> ExitCode {
     // More worker threads than cores: storage calls (redb commits on apply, log writes) block a
     // worker for a while, and raft's heartbeat and election timers must not wait behind them on
     // a 2-core machine. The extra threads are idle most of the time.
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2) * 2;
+    // RAMPART_WORKER_THREADS overrides the count (for measurements; see docs/performance.md).
+    let workers = std::env::var("RAMPART_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2) * 2);
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
