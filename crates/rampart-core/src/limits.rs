@@ -26,6 +26,15 @@ pub const SNAPSHOT_KEEP_ENTRIES: u64 = 5_000;
 pub const LOG_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Longest a client request waits for its proposal to be committed and applied.
 pub const REQUEST_TIMEOUT_MS: u64 = 7_000;
+/// Most writes a follower forwards to the leader in one call (see rampart-server's `forward`).
+pub const FORWARD_BATCH_REQUESTS: usize = 256;
+/// Most request bytes in one forwarded batch (a single larger write still goes, alone).
+pub const FORWARD_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Forwarded batches in flight at once towards one leader; while all are out, writes queue up
+/// and leave together in the next batch.
+pub const FORWARD_BATCHES_IN_FLIGHT: usize = 4;
+/// Writes waiting for a forwarded batch; a full queue makes new writes wait (backpressure).
+pub const FORWARD_QUEUE_REQUESTS: usize = 4_096;
 /// Default heartbeat interval (etcd's default is 100 ms). See ARCHITECTURE.md for the choice.
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 50;
 /// Default election timeout (etcd's default is 1000 ms): a follower campaigns after hearing no

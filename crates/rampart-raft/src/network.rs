@@ -8,7 +8,6 @@
 //! Connections are made lazily and kept per peer; tonic reconnects after a peer restarts.
 
 use std::future::Future;
-use std::io::Cursor;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -27,10 +26,11 @@ use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::codec;
+use crate::state_machine::SnapshotData;
 use crate::{MemberId, PeerNode, TypeConfig};
 
 type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
-type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
+type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotData>;
 
 /// Largest peer message (a full snapshot travels in one). Bounded so a bad peer cannot make us
 /// allocate without limit.
@@ -60,12 +60,15 @@ pub enum RpcKind {
     /// Not an openraft message: a lease keepalive or time-to-live question, which only the
     /// leader can answer (it alone keeps the lease clocks), forwarded there by a follower.
     Lease = 10,
+    /// Not an openraft message: several client writes (`Vec<Request>`) forwarded to the leader
+    /// in one call; the reply holds one result per write, in order.
+    ProposeBatch = 11,
 }
 
 impl RpcKind {
     pub fn from_u32(v: u32) -> Option<RpcKind> {
         use RpcKind::*;
-        [AppendEntries, Vote, PreVote, FullSnapshot, TransferLeader, ReadIndex, Propose, Admin, ClusterId, Lease].into_iter().find(|k| *k as u32 == v)
+        [AppendEntries, Vote, PreVote, FullSnapshot, TransferLeader, ReadIndex, Propose, Admin, ClusterId, Lease, ProposeBatch].into_iter().find(|k| *k as u32 == v)
     }
 }
 
@@ -173,7 +176,7 @@ impl PeerConnection {
 }
 
 impl RaftNetworkV2<TypeConfig> for PeerConnection {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = SnapshotData;
 
     async fn append_entries(
         &mut self,
@@ -208,7 +211,14 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let msg: SnapshotMessage = (vote, snapshot.meta, snapshot.snapshot.into_inner());
+        // Serializing a view reads the whole store: not on the async runtime's threads.
+        let data = snapshot.snapshot;
+        let data = match tokio::task::spawn_blocking(move || data.into_bytes()).await {
+            Ok(Ok(data)) => data,
+            Ok(Err(e)) => return Err(StreamingError::Unreachable(Unreachable::from_string(format!("serializing the snapshot: {e}")))),
+            Err(e) => return Err(StreamingError::Unreachable(Unreachable::from_string(format!("serializing the snapshot: {e}")))),
+        };
+        let msg: SnapshotMessage = (vote, snapshot.meta, data);
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             res = self.rpc(RpcKind::FullSnapshot, &msg, &option, true) => Ok(res?),

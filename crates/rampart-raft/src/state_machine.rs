@@ -4,15 +4,20 @@
 //! [`SmMeta`] (last applied log id, membership, published member attributes), so the data and
 //! the applied index can never disagree after a crash. Batches are committed without fsync: the
 //! raft log is the durable record, and the entries after the last durable MVCC commit are replayed
-//! from it on restart. Building a snapshot forces a durable commit first, because the log is purged
-//! behind a snapshot.
+//! from it on restart.
+//!
+//! The MVCC store is itself the raft snapshot. Building one only makes the applied state durable
+//! (one fsync), because the log is purged behind a snapshot; the data is serialized only when a
+//! lagging follower needs it, from a read view taken at that moment ([`SnapshotData::View`]).
+//! Before, every snapshot serialized the whole store to a file: with a large store that cost
+//! the disk and CPU every `--snapshot-count` entries and starved the raft timers.
 //!
 //! Every applied change is published, in revision order, on the [`ChangeFeed`]: the watch hub,
 //! the backup archiver and a standby cluster consume the same stream.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{self, Cursor};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,8 +29,7 @@ use rampart_core::{EtcdError, MemberId, Revision};
 use rampart_proto::mvccpb::Event;
 use rampart_proto::etcdserverpb::{request_op, AlarmMember, AlarmResponse, AlarmType, TxnRequest};
 use rampart_proto::rampartpb::{self, command, forward_reply, Command};
-use rampart_storage::meta;
-use rampart_storage::mvcc::{Mvcc, WriteResponse};
+use rampart_storage::mvcc::{Mvcc, SnapshotView, WriteResponse};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -34,9 +38,34 @@ use crate::codec::{self, META_FORMAT_V1};
 use crate::{LogId, Membership, Reply, Request, TypeConfig};
 
 type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
-type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
+type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotData>;
 
-const SNAPSHOT_FILE: &str = "current.snap";
+/// Where earlier versions kept a serialized copy of the last snapshot; removed on open.
+const OLD_SNAPSHOT_FILE: &str = "current.snap";
+
+/// The data of a raft snapshot.
+#[derive(Debug)]
+pub enum SnapshotData {
+    /// This member's own store, frozen at the snapshot's log id; serialized when sent.
+    View(SnapshotView),
+    /// A serialized store (`Mvcc::write_snapshot` format) received from the leader.
+    Bytes(Vec<u8>),
+}
+
+impl SnapshotData {
+    /// The snapshot in its wire and file format (versioned, checksummed). Serializing a view
+    /// reads the whole store: call it off the async runtime.
+    pub fn into_bytes(self) -> io::Result<Vec<u8>> {
+        match self {
+            SnapshotData::View(view) => {
+                let mut data = Vec::new();
+                view.write(&mut data).map_err(io_err)?;
+                Ok(data)
+            }
+            SnapshotData::Bytes(data) => Ok(data),
+        }
+    }
+}
 /// Changes buffered for slow consumers of the feed before they see a `Lagged` error and must
 /// catch up from the MVCC history instead.
 pub const CHANGE_FEED_CAPACITY: usize = 4096;
@@ -184,7 +213,7 @@ pub struct Shared {
     auth: std::sync::RwLock<Arc<AuthStore>>,
     /// When the MVCC store last committed durably (see [`MVCC_DURABLE_INTERVAL`]).
     durable_at: Mutex<Instant>,
-    snapshot_dir: PathBuf,
+
     pub feed: ChangeFeed,
 }
 
@@ -218,6 +247,11 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
 impl StateMachine {
     pub fn open(mvcc_path: &Path, snapshot_dir: &Path) -> io::Result<StateMachine> {
         std::fs::create_dir_all(snapshot_dir)?;
+        match std::fs::remove_file(snapshot_dir.join(OLD_SNAPSHOT_FILE)) {
+            Ok(()) => tracing::info!("removed the serialized snapshot copy earlier versions kept; the store is the snapshot now"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         let mvcc = Mvcc::open(mvcc_path).map_err(io_err)?;
         let sm_meta = match mvcc.raft_meta().map_err(io_err)? {
             Some(bytes) => decode_sm_meta(&bytes)?,
@@ -231,7 +265,6 @@ impl StateMachine {
                 auth,
                 durable_at: Mutex::new(Instant::now()),
                 meta: Mutex::new(sm_meta),
-                snapshot_dir: snapshot_dir.to_path_buf(),
                 feed,
             }),
         })
@@ -241,13 +274,18 @@ impl StateMachine {
         self.shared.clone()
     }
 
-    fn snapshot_path(&self) -> PathBuf {
-        self.shared.snapshot_dir.join(SNAPSHOT_FILE)
-    }
-
-    fn save_snapshot(&self, snap_meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
-        let bytes = codec::encode_versioned(META_FORMAT_V1, &(snap_meta, data));
-        meta::write_atomic(&self.snapshot_path(), &bytes).map_err(io_err)
+    /// Makes everything applied so far durable and returns its log id and membership with a
+    /// read view of exactly that state. Applies wait meanwhile (one durable commit), so the view
+    /// and the meta match.
+    fn durable_snapshot(&self) -> io::Result<Snapshot> {
+        let meta = self.shared.meta.lock().unwrap();
+        let meta_bytes = encode_sm_meta(&meta);
+        // The log may be purged behind this snapshot: the state must survive a crash first.
+        self.shared.mvcc.apply(&[], &meta_bytes, true).map_err(io_err)?;
+        *self.shared.durable_at.lock().unwrap() = Instant::now();
+        let view = self.shared.mvcc.snapshot_view().map_err(io_err)?;
+        let snap_meta = SnapshotMeta { last_log_id: meta.last_applied.clone(), last_membership: meta.membership.clone() };
+        Ok(Snapshot { meta: snap_meta, snapshot: SnapshotData::View(view) })
     }
 }
 
@@ -265,7 +303,7 @@ pub fn encode_reply(resp: WriteResponse) -> Vec<u8> {
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = StateMachine;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), io::Error> {
@@ -374,8 +412,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn install_snapshot(&mut self, snap_meta: &SnapshotMeta, snapshot: Cursor<Vec<u8>>) -> Result<(), io::Error> {
-        let data = snapshot.into_inner();
+    async fn install_snapshot(&mut self, snap_meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+        let data = snapshot.into_bytes()?;
         let mut meta = self.shared.meta.lock().unwrap();
         // restore_snapshot verifies the checksum before it replaces anything.
         self.shared.mvcc.restore_snapshot(&mut data.as_slice()).map_err(io_err)?;
@@ -390,38 +428,27 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             )));
         }
         self.shared.publish_auth(&restored.auth);
+        tracing::info!(last_log_id = ?restored.last_applied, bytes = data.len(), "installed a snapshot from the leader");
         *meta = restored;
-        drop(meta);
-        self.save_snapshot(snap_meta, &data)
+        Ok(())
     }
 
+    /// The store as it is now (made durable first), as a lazily serialized snapshot. openraft
+    /// asks on start, only for the meta, and when a follower needs entries that were purged.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        let Some(bytes) = meta::read(&self.snapshot_path()).map_err(io_err)? else {
+        if self.shared.meta.lock().unwrap().last_applied.is_none() {
             return Ok(None);
-        };
-        let (snap_meta, data): (SnapshotMeta, Vec<u8>) =
-            codec::decode_versioned(META_FORMAT_V1, &bytes, "snapshot file")?;
-        Ok(Some(Snapshot { meta: snap_meta, snapshot: Cursor::new(data) }))
+        }
+        self.durable_snapshot().map(Some)
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = SnapshotData;
 
+    /// One durable commit: openraft keeps only the meta, and purges the log behind it.
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let (snap_meta, data) = {
-            // Holding the meta lock stops applies, so the data and its log id match exactly.
-            let meta = self.shared.meta.lock().unwrap();
-            let meta_bytes = encode_sm_meta(&meta);
-            // The log will be purged behind this snapshot: make the MVCC state durable first.
-            self.shared.mvcc.apply(&[], &meta_bytes, true).map_err(io_err)?;
-            let mut data = Vec::new();
-            self.shared.mvcc.write_snapshot(&mut data).map_err(io_err)?;
-            let snap_meta = SnapshotMeta { last_log_id: meta.last_applied.clone(), last_membership: meta.membership.clone() };
-            (snap_meta, data)
-        };
-        self.save_snapshot(&snap_meta, &data)?;
-        Ok(Snapshot { meta: snap_meta, snapshot: Cursor::new(data) })
+        self.durable_snapshot()
     }
 }
 

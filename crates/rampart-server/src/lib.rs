@@ -4,6 +4,7 @@
 //! - [`auth`]: the Auth service; tokens; the permission checks every service makes.
 //! - [`concurrency`]: the Lock and Election services, etcd's client recipes run on the member.
 //! - [`config`]: every setting, validated; ids derived from the bootstrap configuration.
+//! - [`forward`]: writes a follower forwards to the leader, batched into shared peer calls.
 //! - [`member`]: one running member and its two request paths, `propose` (writes) and
 //!   `read_barrier` (linearizable reads).
 //! - [`api`]: the KV and Cluster services; the one place errors become gRPC statuses.
@@ -20,6 +21,7 @@ pub mod api;
 pub mod auth;
 pub mod concurrency;
 pub mod config;
+pub mod forward;
 pub mod gateway;
 pub mod lease;
 pub mod maintenance;

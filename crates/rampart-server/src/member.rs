@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
 use crate::config::{self, Config};
+use crate::forward::Forwarder;
 
 /// How long a request waits between attempts while there is no reachable leader.
 const RETRY_PAUSE: Duration = Duration::from_millis(10);
@@ -74,6 +75,8 @@ pub struct Member {
     pub sm: Arc<Shared>,
     log: LogStore,
     peers: Mutex<HashMap<MemberId, PeerClient<Channel>>>,
+    /// Batching queues of writes forwarded to a leader, per leader (see `forward`).
+    forwarders: Mutex<HashMap<MemberId, Arc<Forwarder>>>,
     /// Source address for peer connections (the peer listener's address, unless unspecified).
     local_ip: Option<std::net::IpAddr>,
     /// Reads waiting for the next shared ReadIndex round trip (followers).
@@ -195,6 +198,7 @@ impl Member {
             sm: shared,
             log,
             peers: Mutex::new(HashMap::new()),
+            forwarders: Mutex::new(HashMap::new()),
             local_ip,
             read_batch: Mutex::new(ReadBatch::default()),
             me: me.clone(),
@@ -260,8 +264,8 @@ impl Member {
                     other => return other,
                 },
                 Some(l) => {
-                    let mut client = self.peer(l)?;
-                    let call = network::call::<_, Result<Vec<u8>, EtcdError>>(&mut client, RpcKind::Propose, &req, FORWARD_TIMEOUT);
+                    let forwarder = self.forwarder(l)?;
+                    let call = forwarder.send(req.clone());
                     // If another leader is elected meanwhile, the old one is stalled or cut off:
                     // answer now, as etcd does, instead of letting the client wait for its timeout.
                     // The outcome is unknown, so this is an error, never a retry.
@@ -285,6 +289,51 @@ impl Member {
             }
             tokio::time::sleep(RETRY_PAUSE).await;
         }
+    }
+
+    /// The batching queue of writes forwarded to leader `id`.
+    fn forwarder(&self, id: MemberId) -> Result<Arc<Forwarder>, EtcdError> {
+        if let Some(f) = self.forwarders.lock().unwrap().get(&id) {
+            return Ok(f.clone());
+        }
+        let client = self.peer(id)?;
+        let f = Arc::new(Forwarder::new(client, FORWARD_TIMEOUT));
+        self.forwarders.lock().unwrap().entry(id).or_insert(f.clone());
+        Ok(f)
+    }
+
+    /// A batch of writes forwarded by a follower, on this member as leader: one raft submission
+    /// for all of them, one result per write, in order. `NotLeader` means that write was not
+    /// appended.
+    pub async fn propose_local_many(&self, reqs: Vec<Request>) -> Vec<Result<Vec<u8>, EtcdError>> {
+        use futures::StreamExt;
+        let n = reqs.len();
+        let mut out: Vec<Result<Vec<u8>, EtcdError>> = match self.raft.client_write_many(reqs).await {
+            Ok(results) => {
+                results
+                    .map(|r| match r {
+                        Ok(Ok(written)) => written.response.0,
+                        Ok(Err(ClientWriteError::ForwardToLeader(_))) => Err(EtcdError::NotLeader),
+                        Ok(Err(e)) => {
+                            tracing::warn!(%e, "write failed");
+                            Err(EtcdError::LeaderChanged)
+                        }
+                        Err(e) => {
+                            tracing::error!(%e, "raft stopped");
+                            Err(EtcdError::Stopped)
+                        }
+                    })
+                    .collect()
+                    .await
+            }
+            Err(e) => {
+                tracing::error!(%e, "raft stopped");
+                Vec::new()
+            }
+        };
+        // A stream cut short by a stopping raft: the rest have no answer.
+        out.resize(n, Err(EtcdError::Stopped));
+        out
     }
 
     /// Resolves once this member knows of a leader other than `old`.
@@ -412,6 +461,7 @@ impl Member {
                 let updated = PeerNode { name: n.name, peer_urls: peer_urls.clone() };
                 self.raft.change_membership(ChangeMembers::SetNodes(BTreeMap::from([(id, updated)])), false).await.map_err(membership_error)?;
                 self.peers.lock().unwrap().remove(&id);
+                self.forwarders.lock().unwrap().remove(&id);
                 MemberInfo { id, peer_urls, is_learner: learners.contains(&id) }
             }
         };

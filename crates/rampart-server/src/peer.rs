@@ -2,12 +2,12 @@
 //! (and the two member-level calls, ReadIndex and Propose). The encoding is shared with the client
 //! half in `rampart_raft::network`.
 
-use std::io::Cursor;
 use std::sync::Arc;
 
 use rampart_proto::rampartpb::peer_server::Peer;
 use rampart_proto::rampartpb::{Command, ForwardReply, RaftReply, RaftRequest};
 use rampart_raft::network::{decode, encode, RpcKind, SnapshotMessage};
+use rampart_raft::state_machine::SnapshotData;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
@@ -42,9 +42,9 @@ impl Peer for PeerService {
             Some(RpcKind::TransferLeader) => reply(raft.handle_transfer_leader(decode(p).map_err(bad)?).await),
             Some(RpcKind::FullSnapshot) => {
                 let (vote, meta, data): SnapshotMessage = decode(p).map_err(bad)?;
-                let snapshot = openraft::type_config::alias::SnapshotOf::<rampart_raft::TypeConfig, Cursor<Vec<u8>>> {
+                let snapshot = openraft::type_config::alias::SnapshotOf::<rampart_raft::TypeConfig, SnapshotData> {
                     meta,
-                    snapshot: Cursor::new(data),
+                    snapshot: SnapshotData::Bytes(data),
                 };
                 reply(raft.install_full_snapshot(vote, snapshot).await)
             }
@@ -54,6 +54,14 @@ impl Peer for PeerService {
             }
             Some(RpcKind::Propose) => {
                 let r = self.member.propose_local(decode(p).map_err(bad)?).await;
+                reply::<_, String>(Ok(r))
+            }
+            Some(RpcKind::ProposeBatch) => {
+                let reqs: Vec<rampart_raft::Request> = decode(p).map_err(bad)?;
+                if reqs.len() > rampart_core::limits::FORWARD_BATCH_REQUESTS {
+                    return Err(Status::invalid_argument(format!("a forwarded batch holds at most {} writes", rampart_core::limits::FORWARD_BATCH_REQUESTS)));
+                }
+                let r = self.member.propose_local_many(reqs).await;
                 reply::<_, String>(Ok(r))
             }
             Some(RpcKind::Admin) => {

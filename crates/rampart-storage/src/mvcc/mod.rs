@@ -53,6 +53,30 @@ pub use lease::Lease;
 pub use maintenance::{Defragmented, KvHash};
 pub use snapshot::SNAPSHOT_VERSION;
 
+/// A frozen view of the store (see [`Mvcc::snapshot_view`]).
+pub struct SnapshotView {
+    txn: redb::ReadTransaction,
+}
+
+impl SnapshotView {
+    /// Streams the viewed state, `raft_meta` included, in the snapshot format.
+    pub fn write(&self, w: &mut dyn std::io::Write) -> Result<(), MvccError> {
+        snapshot::write(&self.txn, w)
+    }
+
+    /// The raft layer's bytes as of the view.
+    pub fn raft_meta(&self) -> Result<Option<Vec<u8>>, MvccError> {
+        let meta = self.txn.open_table(META)?;
+        Ok(meta.get(META_RAFT_META)?.map(|v| v.value().to_vec()))
+    }
+}
+
+impl std::fmt::Debug for SnapshotView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SnapshotView")
+    }
+}
+
 /// Version of the layout described in the module docs, stored in the `meta` table and checked
 /// on open.
 pub const FORMAT_VERSION: u32 = 1;
@@ -384,6 +408,13 @@ impl Mvcc {
     pub fn write_snapshot(&self, w: &mut dyn std::io::Write) -> Result<(), MvccError> {
         let txn = self.db.begin_read()?;
         snapshot::write(&txn, w)
+    }
+
+    /// A consistent read view of the whole state as of now, to be serialized later with
+    /// [`SnapshotView::write`] (in the format of [`Mvcc::write_snapshot`]) while writes go on.
+    /// Cheap to take; it keeps the pages of that state from being reused until it is dropped.
+    pub fn snapshot_view(&self) -> Result<SnapshotView, MvccError> {
+        Ok(SnapshotView { txn: self.db.begin_read()? })
     }
 
     /// Replaces the whole state with a snapshot from [`Mvcc::write_snapshot`], atomically: one
