@@ -51,8 +51,7 @@ pub enum RpcKind {
     /// Not an openraft message: a follower asks the leader for a read index (etcd's ReadIndex),
     /// then serves a linearizable read locally once it has applied that far.
     ReadIndex = 6,
-    /// Not an openraft message: a follower forwards a client write (`Request`) to the leader.
-    Propose = 7,
+    // 7 was Propose (one forwarded write); ProposeBatch (11) replaced it.
     /// Not an openraft message: a membership change (`AdminRequest`) forwarded to the leader.
     Admin = 8,
     /// Not an openraft message: a joining member asks a peer for the cluster id.
@@ -68,7 +67,7 @@ pub enum RpcKind {
 impl RpcKind {
     pub fn from_u32(v: u32) -> Option<RpcKind> {
         use RpcKind::*;
-        [AppendEntries, Vote, PreVote, FullSnapshot, TransferLeader, ReadIndex, Propose, Admin, ClusterId, Lease, ProposeBatch].into_iter().find(|k| *k as u32 == v)
+        [AppendEntries, Vote, PreVote, FullSnapshot, TransferLeader, ReadIndex, Admin, ClusterId, Lease, ProposeBatch].into_iter().find(|k| *k as u32 == v)
     }
 }
 

@@ -213,7 +213,6 @@ pub struct Shared {
     auth: std::sync::RwLock<Arc<AuthStore>>,
     /// When the MVCC store last committed durably (see [`MVCC_DURABLE_INTERVAL`]).
     durable_at: Mutex<Instant>,
-
     pub feed: ChangeFeed,
 }
 

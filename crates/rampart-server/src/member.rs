@@ -313,21 +313,14 @@ impl Member {
                 results
                     .map(|r| match r {
                         Ok(Ok(written)) => written.response.0,
-                        Ok(Err(ClientWriteError::ForwardToLeader(_))) => Err(EtcdError::NotLeader),
-                        Ok(Err(e)) => {
-                            tracing::warn!(%e, "write failed");
-                            Err(EtcdError::LeaderChanged)
-                        }
-                        Err(e) => {
-                            tracing::error!(%e, "raft stopped");
-                            Err(EtcdError::Stopped)
-                        }
+                        Ok(Err(e)) => Err(write_error(e)),
+                        Err(e) => Err(stopped(e)),
                     })
                     .collect()
                     .await
             }
             Err(e) => {
-                tracing::error!(%e, "raft stopped");
+                stopped(e);
                 Vec::new()
             }
         };
@@ -354,15 +347,8 @@ impl Member {
     pub async fn propose_local(&self, req: Request) -> Result<Vec<u8>, EtcdError> {
         match self.raft.client_write(req).await {
             Ok(resp) => resp.data.0,
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(EtcdError::NotLeader),
-            Err(RaftError::APIError(e)) => {
-                tracing::warn!(%e, "write failed");
-                Err(EtcdError::LeaderChanged)
-            }
-            Err(RaftError::Fatal(e)) => {
-                tracing::error!(%e, "raft stopped");
-                Err(EtcdError::Stopped)
-            }
+            Err(RaftError::APIError(e)) => Err(write_error(e)),
+            Err(RaftError::Fatal(e)) => Err(stopped(e)),
         }
     }
 
@@ -643,6 +629,22 @@ fn membership_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> E
         RaftError::APIError(e) => EtcdError::Internal(format!("etcdserver: membership change failed: {e}")),
         RaftError::Fatal(_) => EtcdError::Stopped,
     }
+}
+
+/// A write raft refused: `NotLeader` means it was not appended (safe to retry elsewhere).
+fn write_error(e: ClientWriteError<TypeConfig>) -> EtcdError {
+    match e {
+        ClientWriteError::ForwardToLeader(_) => EtcdError::NotLeader,
+        e => {
+            tracing::warn!(%e, "write failed");
+            EtcdError::LeaderChanged
+        }
+    }
+}
+
+fn stopped(e: impl std::fmt::Display) -> EtcdError {
+    tracing::error!(%e, "raft stopped");
+    EtcdError::Stopped
 }
 
 /// True when a peer call failed before the request could have reached the peer.

@@ -1,5 +1,5 @@
 //! Server half of the peer transport: decodes `rampartpb.Peer/Raft` calls into openraft calls
-//! (and the two member-level calls, ReadIndex and Propose). The encoding is shared with the client
+//! (and the member-level calls: ReadIndex, ProposeBatch, Admin, Lease, ClusterId). The encoding is shared with the client
 //! half in `rampart_raft::network`.
 
 use std::sync::Arc;
@@ -52,10 +52,6 @@ impl Peer for PeerService {
                 let r = self.member.local_read_index().await;
                 reply::<_, String>(Ok(r))
             }
-            Some(RpcKind::Propose) => {
-                let r = self.member.propose_local(decode(p).map_err(bad)?).await;
-                reply::<_, String>(Ok(r))
-            }
             Some(RpcKind::ProposeBatch) => {
                 let reqs: Vec<rampart_raft::Request> = decode(p).map_err(bad)?;
                 if reqs.len() > rampart_core::limits::FORWARD_BATCH_REQUESTS {
@@ -78,7 +74,7 @@ impl Peer for PeerService {
     }
 
     async fn forward(&self, _request: Request<Command>) -> Result<Response<ForwardReply>, Status> {
-        // Writes are forwarded as RpcKind::Propose, which also carries non-KV requests.
-        Err(Status::unimplemented("use Raft with kind Propose"))
+        // Writes are forwarded as RpcKind::ProposeBatch, which also carries non-KV requests.
+        Err(Status::unimplemented("use Raft with kind ProposeBatch"))
     }
 }
