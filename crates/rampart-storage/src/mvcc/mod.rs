@@ -45,7 +45,7 @@ use rampart_proto::etcdserverpb::{
 use rampart_proto::mvccpb::event::EventType;
 use rampart_proto::mvccpb::{Event, KeyValue};
 use rampart_proto::rampartpb::Command;
-use redb::{Database, Durability, ReadableTable, TableDefinition};
+use redb::{Durability, ReadableTable, TableDefinition};
 
 use codec::{KvKey, Record, Rev};
 
@@ -223,7 +223,9 @@ impl Mvcc {
     /// Opens the store at `path`, creating it if missing. A file written in another format
     /// version is refused with [`MvccError::UnsupportedFormat`].
     pub fn open(path: &Path) -> Result<Mvcc, MvccError> {
-        let db = Database::create(path)?;
+        let db = redb::Builder::new()
+            .set_cache_size(rampart_core::limits::MVCC_CACHE_BYTES)
+            .create(path)?;
         let txn = db.begin_write()?;
         let fresh = txn.list_tables()?.next().is_none();
         let (current, compact) = {
