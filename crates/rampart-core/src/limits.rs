@@ -59,12 +59,12 @@ pub const WATCH_PROGRESS_INTERVAL_MS: u64 = 10 * 60 * 1000;
 pub const WATCH_RESYNC_CHECK_MS: u64 = 1_000;
 /// etcd's `--quota-backend-bytes` default: 2 GiB. Above it a member raises the NOSPACE alarm.
 pub const DEFAULT_QUOTA_BACKEND_BYTES: i64 = 2 * 1024 * 1024 * 1024;
+/// How often a member compares its store's size with the quota, besides after every applied write.
+pub const QUOTA_CHECK_INTERVAL_MS: u64 = 1_000;
 /// Page cache of a member's MVCC store (redb's default is 1 GiB). Recently used pages beyond it
 /// are read from the file again (the kernel's page cache usually still holds them), so a member
 /// holding a million keys does not keep its whole store twice in memory.
 pub const MVCC_CACHE_BYTES: usize = 128 * 1024 * 1024;
-/// How often a member compares its store's size with the quota, besides after every applied write.
-pub const QUOTA_CHECK_INTERVAL_MS: u64 = 1_000;
 /// Size of the chunks of a client snapshot stream (etcd's `snapshotSendBufferSize`).
 pub const SNAPSHOT_SEND_CHUNK_BYTES: usize = 32 * 1024;
 /// Longest a defragmentation waits for running reads (a snapshot being sent) to finish.
