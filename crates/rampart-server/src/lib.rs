@@ -19,6 +19,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod coalesce;
 pub mod concurrency;
 pub mod config;
 pub mod forward;
