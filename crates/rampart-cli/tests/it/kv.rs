@@ -218,35 +218,48 @@ async fn malformed_requests_do_not_crash_a_member() {
     }
 }
 
-/// Writes a follower forwards are batched into shared calls to the leader; every write must still
-/// get its own answer: 300 concurrent puts through one follower each report a distinct revision,
-/// and that revision is the one the key was stored at.
+/// Concurrent writes share work (a follower forwards them in shared calls, the leader submits each
+/// such batch to raft at once, and one MVCC transaction applies many); every write must still get
+/// its own answer. 300 concurrent puts through a follower, then through the leader, each report a
+/// distinct revision, and that revision is the one the key was stored at; every tenth put is one
+/// etcd refuses (ignore_value on a missing key), and only that put fails.
 #[tokio::test(flavor = "multi_thread")]
-async fn concurrent_writes_through_a_follower_each_get_their_own_answer() {
+async fn concurrent_writes_each_get_their_own_answer() {
     let cluster = Cluster::start(3);
     let leader = cluster.wait_leader(Duration::from_secs(10)).await;
     let follower = (0..3).find(|i| *i != leader).unwrap();
-    let client = cluster.client(&[follower]).await;
-    let puts = (0..300).map(|i| {
-        let mut c = client.clone();
-        tokio::spawn(async move {
-            let r = c.put(format!("batch/{i:03}"), format!("v{i}"), None).await.unwrap();
-            (i, r.header().unwrap().revision())
-        })
-    });
-    let mut revisions = Vec::new();
-    for p in puts {
-        revisions.push(p.await.unwrap());
-    }
-    let mut distinct: Vec<i64> = revisions.iter().map(|(_, r)| *r).collect();
-    distinct.sort_unstable();
-    distinct.dedup();
-    assert_eq!(distinct.len(), 300, "every put has its own revision");
-    let mut c = cluster.client(&[leader]).await;
-    let got = c.get("batch/", Some(GetOptions::new().with_prefix())).await.unwrap();
-    assert_eq!(got.kvs().len(), 300);
-    for (i, rev) in revisions {
-        let kv = got.kvs().iter().find(|kv| kv.key_str().unwrap() == format!("batch/{i:03}")).unwrap();
-        assert_eq!((kv.value_str().unwrap(), kv.mod_revision()), (format!("v{i}").as_str(), rev), "batch/{i:03}");
+    for (via, member) in [("follower", follower), ("leader", leader)] {
+        let client = cluster.client(&[member]).await;
+        let puts = (0..300).map(|i| {
+            let mut c = client.clone();
+            let key = format!("{via}/{i:03}");
+            tokio::spawn(async move {
+                if i % 10 == 9 {
+                    let err = c.put(key, "", Some(PutOptions::new().with_ignore_value())).await.unwrap_err();
+                    (i, Err(err.to_string()))
+                } else {
+                    let r = c.put(key, format!("v{i}"), None).await.unwrap();
+                    (i, Ok(r.header().unwrap().revision()))
+                }
+            })
+        });
+        let mut revisions = Vec::new();
+        for p in puts {
+            match p.await.unwrap() {
+                (i, Ok(rev)) => revisions.push((i, rev)),
+                (_, Err(e)) => assert!(e.contains("etcdserver: key not found"), "{via}: {e}"),
+            }
+        }
+        let mut distinct: Vec<i64> = revisions.iter().map(|(_, r)| *r).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 270, "{via}: every put has its own revision");
+        let mut c = cluster.client(&[leader]).await;
+        let got = c.get(format!("{via}/"), Some(GetOptions::new().with_prefix())).await.unwrap();
+        assert_eq!(got.kvs().len(), 270, "{via}");
+        for (i, rev) in revisions {
+            let kv = got.kvs().iter().find(|kv| kv.key_str().unwrap() == format!("{via}/{i:03}")).unwrap();
+            assert_eq!((kv.value_str().unwrap(), kv.mod_revision()), (format!("v{i}").as_str(), rev), "{via}/{i:03}");
+        }
     }
 }
