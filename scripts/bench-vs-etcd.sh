@@ -166,19 +166,38 @@ done
 results=$work/results.jsonl
 : >"$results"
 
+# cpu_ticks SYSTEM: CPU time (user + system, in clock ticks) used so far by each of the system's
+# three members, space-separated.
+cpu_ticks() {
+  local i
+  for i in 1 2 3; do awk '{ printf "%d ", $14 + $15 }' "/proc/$(cat "$work/$1/m$i.pid")/stat"; done
+}
+
 # run SYSTEM NAME FLAGS...: one measured run, its JSON line appended to results.jsonl with the
-# run's name; a failure is recorded (with its message) instead of stopping the script.
+# run's name and the members' CPU time per operation; a failure is recorded (with its message)
+# instead of stopping the script.
 run() {
   local system=$1 name=$2
   shift 2
   log "$name on $system"
-  local json err
+  local json err before after
   err=$work/$system-$name.err
+  before=$(cpu_ticks "$system")
   if json=$(timeout -k 5 300 "${bench[@]}" --endpoints "${eps[$system]}" --label "$system" \
       --key-size $key_size --value-size $value_size --key-space $key_space --progress-interval 5s "$@" 2>"$err"); then
+    after=$(cpu_ticks "$system")
     grep -v '^bench:' "$err" >&2 || true
-    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r["name"]=sys.argv[2]; print(json.dumps(r))' \
-      "$(echo "$json" | tail -n 1)" "$name" >>"$results"
+    # Server CPU per operation: far steadier than op/s on a shared machine, and what decides
+    # throughput once the machine is CPU-bound (see "Where the limit is" in docs/performance.md).
+    python3 -c '
+import json, os, sys
+r = json.loads(sys.argv[1]); r["name"] = sys.argv[2]
+hz = os.sysconf("SC_CLK_TCK")
+used = [(int(b) - int(a)) / hz for a, b in zip(sys.argv[3].split(), sys.argv[4].split())]
+if r.get("ops"):
+    r["server_cpu_us_per_op"] = round(sum(used) * 1e6 / r["ops"], 1)
+    r["member_cpu_us_per_op"] = [round(u * 1e6 / r["ops"], 1) for u in used]
+print(json.dumps(r))' "$(echo "$json" | tail -n 1)" "$name" "$before" "$after" >>"$results"
   else
     tail -n 3 "$err" >&2
     python3 -c 'import json,sys; print(json.dumps({"name":sys.argv[1],"label":sys.argv[2],"failed":sys.argv[3]}))' \
@@ -332,12 +351,13 @@ for line in open(results):
 
 def cells(r):
     if r is None:
-        return ["–", "–", "–"]
+        return ["–", "–", "–", "–"]
     if "failed" in r:
         reason = "not implemented" if "does not implement" in r["failed"] else "failed"
-        return [reason, "–", "–"]
+        return [reason, "–", "–", "–"]
     l = r["latency"]
-    return [f'{r["ops_per_s"]:,.0f}', f'{l["p50_us"] / 1000:.2f}', f'{l["p99_us"] / 1000:.2f}']
+    cpu = f'{r["server_cpu_us_per_op"]:.0f}' if "server_cpu_us_per_op" in r else "–"
+    return [f'{r["ops_per_s"]:,.0f}', f'{l["p50_us"] / 1000:.2f}', f'{l["p99_us"] / 1000:.2f}', cpu]
 
 lines = [
     f"Measured {date} at commit `{commit}` by `scripts/bench-vs-etcd.sh`.",
@@ -347,16 +367,19 @@ lines = [
     f"throughout; each workload runs {duration} per system, alternating which system goes first. "
     f"Keys {key_size} B over a key space of {key_space} (all written before the first run), values {value_size} B; "
     "clients spread over 3 connections, one per member (1 client: one connection, to the leader). "
-    "Watch and lease rows count events and keep-alives; p50/p99 are milliseconds.",
+    "Watch and lease rows count events and keep-alives; p50/p99 are milliseconds; CPU is the CPU time "
+    "all three members used during the run, in microseconds per operation (lower is better).",
     "",
-    "| workload | etcd op/s | etcd p50 | etcd p99 | rampart op/s | rampart p50 | rampart p99 | rampart/etcd op/s |",
-    "|---|---:|---:|---:|---:|---:|---:|---:|",
+    "| workload | etcd op/s | etcd p50 | etcd p99 | etcd CPU | rampart op/s | rampart p50 | rampart p99 | rampart CPU | rampart/etcd op/s | etcd/rampart CPU |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
 ]
 for name in rows:
     e, r = by.get((name, "etcd")), by.get((name, "rampart"))
     ok = lambda x: x is not None and "failed" not in x and x["ops_per_s"] > 0
     ratio = f'{r["ops_per_s"] / e["ops_per_s"]:.2f}' if ok(e) and ok(r) else "–"
-    lines.append("| " + " | ".join([name] + cells(e) + cells(r) + [ratio]) + " |")
+    has_cpu = lambda x: ok(x) and x.get("server_cpu_us_per_op")
+    cpu_ratio = f'{e["server_cpu_us_per_op"] / r["server_cpu_us_per_op"]:.2f}' if has_cpu(e) and has_cpu(r) else "–"
+    lines.append("| " + " | ".join([name] + cells(e) + cells(r) + [ratio, cpu_ratio]) + " |")
 errors = [(k, v) for k, v in by.items() if "failed" not in v and v.get("errors")]
 for (name, label), v in errors:
     lines.append("")
