@@ -259,7 +259,15 @@ impl Member {
                     other => return other,
                 },
                 Some(l) => {
-                    let forwarder = self.forwarder(l)?;
+                    // NoLeader: the leader we last heard of is no longer a member (it was just
+                    // removed) and the next one is not known yet. Wait for it, as for no leader.
+                    let forwarder = match self.forwarder(l) {
+                        Err(EtcdError::NoLeader) => {
+                            tokio::time::sleep(RETRY_PAUSE).await;
+                            continue;
+                        }
+                        f => f?,
+                    };
                     let call = forwarder.send(req.clone());
                     // If another leader is elected meanwhile, the old one is stalled or cut off:
                     // answer now, as etcd does, instead of letting the client wait for its timeout.
@@ -361,7 +369,14 @@ impl Member {
                     other => return other,
                 },
                 Some(l) => {
-                    let mut client = self.peer(l)?;
+                    // NoLeader: as in `propose`, the last known leader was just removed.
+                    let mut client = match self.peer(l) {
+                        Err(EtcdError::NoLeader) => {
+                            tokio::time::sleep(RETRY_PAUSE).await;
+                            continue;
+                        }
+                        c => c?,
+                    };
                     match network::call::<_, Result<MemberInfo, EtcdError>>(&mut client, RpcKind::Admin, &req, FORWARD_TIMEOUT).await {
                         Ok(Ok(Err(EtcdError::NotLeader))) => {}
                         Ok(Ok(result)) => return result,
@@ -581,7 +596,14 @@ impl Member {
                     other => return other,
                 },
                 Some(l) => {
-                    let mut client = self.peer(l)?;
+                    // NoLeader: as in `propose`, the last known leader was just removed.
+                    let mut client = match self.peer(l) {
+                        Err(EtcdError::NoLeader) => {
+                            tokio::time::sleep(RETRY_PAUSE).await;
+                            continue;
+                        }
+                        c => c?,
+                    };
                     let call = network::call::<_, Result<Resp, EtcdError>>(&mut client, kind, req, left.min(FORWARD_TIMEOUT));
                     let result = tokio::select! {
                         r = call => r,
