@@ -1,7 +1,7 @@
 //! Many callers, one round trip.
 //!
-//! A caller that needs "a fresh answer obtained after I arrived" (a read index, a leadership
-//! confirmation) joins the next round instead of starting its own. One driver task runs rounds
+//! A caller that needs "a fresh answer obtained after I arrived" (a follower's read index from
+//! the leader) joins the next round instead of starting its own. One driver task runs rounds
 //! back to back while callers are waiting; each round answers exactly the callers that were
 //! waiting when it started, so every answer is younger than the call it answers. Under load the
 //! cost of a round is shared by everyone who arrived during the previous one.

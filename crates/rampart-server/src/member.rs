@@ -215,8 +215,14 @@ impl Member {
         self.log.size_bytes()
     }
 
+    /// The leader as far as this member knows, if it can be reached. A leader that is no longer in
+    /// the membership was just removed and the next one is not known yet: that is no leader, so
+    /// callers wait for the next one instead of failing to find the removed one's address
+    /// (bug 10 in docs/robustness.md). This member itself still leads until it steps down.
     fn leader(&self) -> Option<MemberId> {
-        self.raft.metrics().borrow_watched().current_leader
+        let rx = self.raft.metrics();
+        let m = rx.borrow_watched();
+        m.current_leader.filter(|l| *l == self.id || m.membership_config.get_node(l).is_some())
     }
 
     fn peer(&self, id: MemberId) -> Result<PeerClient<Channel>, EtcdError> {
@@ -259,15 +265,7 @@ impl Member {
                     other => return other,
                 },
                 Some(l) => {
-                    // NoLeader: the leader we last heard of is no longer a member (it was just
-                    // removed) and the next one is not known yet. Wait for it, as for no leader.
-                    let forwarder = match self.forwarder(l) {
-                        Err(EtcdError::NoLeader) => {
-                            tokio::time::sleep(RETRY_PAUSE).await;
-                            continue;
-                        }
-                        f => f?,
-                    };
+                    let forwarder = self.forwarder(l)?;
                     let call = forwarder.send(req.clone());
                     // If another leader is elected meanwhile, the old one is stalled or cut off:
                     // answer now, as etcd does, instead of letting the client wait for its timeout.
@@ -369,14 +367,7 @@ impl Member {
                     other => return other,
                 },
                 Some(l) => {
-                    // NoLeader: as in `propose`, the last known leader was just removed.
-                    let mut client = match self.peer(l) {
-                        Err(EtcdError::NoLeader) => {
-                            tokio::time::sleep(RETRY_PAUSE).await;
-                            continue;
-                        }
-                        c => c?,
-                    };
+                    let mut client = self.peer(l)?;
                     match network::call::<_, Result<MemberInfo, EtcdError>>(&mut client, RpcKind::Admin, &req, FORWARD_TIMEOUT).await {
                         Ok(Ok(Err(EtcdError::NotLeader))) => {}
                         Ok(Ok(result)) => return result,
@@ -596,14 +587,7 @@ impl Member {
                     other => return other,
                 },
                 Some(l) => {
-                    // NoLeader: as in `propose`, the last known leader was just removed.
-                    let mut client = match self.peer(l) {
-                        Err(EtcdError::NoLeader) => {
-                            tokio::time::sleep(RETRY_PAUSE).await;
-                            continue;
-                        }
-                        c => c?,
-                    };
+                    let mut client = self.peer(l)?;
                     let call = network::call::<_, Result<Resp, EtcdError>>(&mut client, kind, req, left.min(FORWARD_TIMEOUT));
                     let result = tokio::select! {
                         r = call => r,
