@@ -19,8 +19,14 @@
 //! * [`rampartpb`] – Rampart-internal messages (raft log `Command`) and the
 //!   member-to-member `Peer` service.
 //!
+//! And one module that is not generated: [`wire`], the TCP stream wrapper that
+//! makes h2 batch small frames into one write, used by a member's client
+//! listeners and by the load generator.
+//!
 //! For each service `Foo` there is a `foo_server` module (trait `Foo`, tower
 //! service `FooServer`) and a `foo_client` module (`FooClient`).
+
+pub mod wire;
 
 macro_rules! proto_module {
     ($(#[$doc:meta])* $name:ident, $package:literal) => {

@@ -10,7 +10,8 @@ use rampart_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use rampart_proto::etcdserverpb::watch_server::WatchServer;
 use rampart_proto::rampartpb::peer_server::PeerServer;
 use rampart_raft::network::MAX_PEER_MESSAGE_BYTES;
-use tokio::net::TcpListener;
+use rampart_proto::wire::BatchedWrites;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tonic::transport::Server;
 
@@ -42,6 +43,14 @@ pub struct Running {
 /// waited for the peer's delayed ACK: about 40 ms per read (found by the bench).
 fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// Accepted client connections: Nagle off, and small frames batched into one write
+/// ([`BatchedWrites`]: one `writev` per response otherwise). Peer listeners keep plain streams:
+/// batching there cost put-64 CPU in an A/B run (finding 13 in docs/performance.md).
+fn client_incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Result<BatchedWrites<TcpStream>>> {
+    use futures::StreamExt;
+    incoming(listener).map(|accepted| accepted.map(BatchedWrites::new))
 }
 
 async fn bind(url: &str) -> Result<TcpListener, StartError> {
@@ -143,7 +152,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 .tcp_nodelay(true)
                 .accept_http1(true)
                 .add_routes(routes)
-                .serve_with_incoming_shutdown(incoming(listener), async move {
+                .serve_with_incoming_shutdown(client_incoming(listener), async move {
                     let _ = rx.wait_for(|s| *s).await;
                 })
                 .await;
