@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -213,12 +214,25 @@ pub struct Shared {
     auth: std::sync::RwLock<Arc<AuthStore>>,
     /// When the MVCC store last committed durably (see [`MVCC_DURABLE_INTERVAL`]).
     durable_at: Mutex<Instant>,
+    /// The index of `meta.last_applied`, readable without waiting for an apply batch (which
+    /// holds `meta`). Stored before the batch's replies are sent, so every write a client has
+    /// seen acknowledged is at or below it.
+    applied_index: AtomicU64,
     pub feed: ChangeFeed,
 }
 
 impl Shared {
     pub fn meta(&self) -> SmMeta {
         self.meta.lock().unwrap().clone()
+    }
+
+    /// The index of the last applied entry (0 before the first).
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index.load(Ordering::Acquire)
+    }
+
+    fn set_applied(&self, meta: &SmMeta) {
+        self.applied_index.store(meta.last_applied.as_ref().map_or(0, |l| l.index), Ordering::Release);
     }
 
     /// The auth store as of the last applied entry.
@@ -263,6 +277,7 @@ impl StateMachine {
                 mvcc,
                 auth,
                 durable_at: Mutex::new(Instant::now()),
+                applied_index: AtomicU64::new(sm_meta.last_applied.as_ref().map_or(0, |l| l.index)),
                 meta: Mutex::new(sm_meta),
                 feed,
             }),
@@ -379,6 +394,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.shared.publish_auth(&next_meta.auth);
         }
         *meta = next_meta;
+        self.shared.set_applied(&meta);
         drop(meta);
 
         let mut results: Vec<Option<Result<rampart_storage::mvcc::Applied, EtcdError>>> =
@@ -429,6 +445,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.shared.publish_auth(&restored.auth);
         tracing::info!(last_log_id = ?restored.last_applied, bytes = data.len(), "installed a snapshot from the leader");
         *meta = restored;
+        self.shared.set_applied(&meta);
         Ok(())
     }
 
