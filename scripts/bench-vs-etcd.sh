@@ -41,6 +41,10 @@ case "$etcd_version" in
   *) log "warning: etcd $etcd_version is not 3.4; the comparison is meant against etcd 3.4" ;;
 esac
 
+# What is measured, named before the build: edits made while the benchmark runs are not in it.
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ -n "$(git status --porcelain 2>/dev/null)" ]; then commit="$commit (with uncommitted changes)"; fi
+
 # (b) Rampart, release build. The load generator is `rampart bench`.
 if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
   log "building rampart (release)"
@@ -333,8 +337,6 @@ PY
 fi
 
 # (d) The table, into $out between the markers.
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [ -n "$(git status --porcelain 2>/dev/null)" ]; then commit="$commit (with uncommitted changes)"; fi
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
 mem_gib=$(awk '/^MemTotal/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)
 disk="$fs on $(df --output=source "$work" | tail -n 1)"
