@@ -541,6 +541,9 @@ impl Member {
                 None => None,
             };
             match index {
+                // Applied here already, the common case on a follower: skip openraft's wait,
+                // which clones its whole metrics to check.
+                Some(index) if self.sm.applied_index() >= index => return Ok(()),
                 Some(index) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     return match self.raft.wait(Some(left)).applied_index_at_least(Some(index), "read index").await {
