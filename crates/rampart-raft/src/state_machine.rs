@@ -215,8 +215,9 @@ pub struct Shared {
     /// When the MVCC store last committed durably (see [`MVCC_DURABLE_INTERVAL`]).
     durable_at: Mutex<Instant>,
     /// The index of `meta.last_applied`, readable without waiting for an apply batch (which
-    /// holds `meta`). Stored before the batch's replies are sent, so every write a client has
-    /// seen acknowledged is at or below it.
+    /// holds `meta`). Stored after the batch's MVCC commit: a read that finds it at or above an
+    /// index sees every entry up to that index. (It is not a read index for others: entries
+    /// committed but not yet applied here may already be visible on another member.)
     applied_index: AtomicU64,
     pub feed: ChangeFeed,
 }

@@ -243,7 +243,6 @@ pub async fn move_leader(member: &Member, target: MemberId, timeout: Duration) -
     }
     let started = Instant::now();
     tracing::info!(from = format!("{:x}", member.id), to = format!("{target:x}"), "leadership transfer starting");
-    member.begin_leader_transfer();
     member.raft.trigger().transfer_leader(target).await.map_err(|_| EtcdError::Stopped)?;
     let mut rx = member.raft.metrics();
     let done = tokio::time::timeout(timeout, async {

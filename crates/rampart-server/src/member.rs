@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -83,9 +82,6 @@ pub struct Member {
     local_ip: Option<std::net::IpAddr>,
     /// Reads waiting for the next ReadIndex round trip to the leader (followers).
     follower_reads: Rounds<Option<u64>>,
-    /// The term in which this member, as leader, started handing leadership over (0: never).
-    /// Followers may then elect the target before the lease runs out, so lease reads stop.
-    transfer_term: AtomicU64,
     /// This member's own `Arc`, for the tasks it spawns.
     me: std::sync::Weak<Member>,
 }
@@ -200,7 +196,6 @@ impl Member {
             forwarders: Mutex::new(HashMap::new()),
             local_ip,
             follower_reads: Rounds::default(),
-            transfer_term: AtomicU64::new(0),
             me: me.clone(),
         }))
     }
@@ -467,9 +462,6 @@ impl Member {
     /// finding 12): a lease-based confirmation is already cheap, and a shared round adds a task
     /// hand-off and makes later arrivals wait for the round in flight.
     pub async fn local_read_index(&self) -> Result<u64, EtcdError> {
-        if self.lease_read_valid() {
-            return Ok(self.sm.applied_index());
-        }
         let option = LinearizerOption::new(Some(self.max_quorum_ack_age()), true);
         match self.raft.ensure_linearizable(option).await {
             Ok(read_log_id) => Ok(read_log_id.log_id().index),
@@ -489,37 +481,6 @@ impl Member {
         Duration::from_millis(self.cfg.election_timeout_ms * 3 / 5) / 2
     }
 
-    /// Whether this member may serve a linearizable read from its own state right now, decided
-    /// from openraft's published metrics without a round trip through openraft's core (which
-    /// costs two task hand-offs per read). It holds when, as the metrics say:
-    /// - this member leads and is not handing leadership over (`transfer_term`);
-    /// - an entry of the current term is applied: the leader's first entry of its term is, so
-    ///   everything committed by earlier leaders is applied here;
-    /// - a quorum acknowledged a heartbeat sent less than [`Self::max_quorum_ack_age`] ago: no
-    ///   other leader can have been elected since, so every write any client has seen
-    ///   acknowledged was acknowledged by this leader, after it applied the write.
-    ///
-    /// Metrics lag the core but never lead it, so each condition can only be seen late, which
-    /// sends the read to the slow path (`ensure_linearizable`), never to a wrong answer.
-    fn lease_read_valid(&self) -> bool {
-        use openraft::vote::RaftLeaderId as _;
-        use openraft::Instant as _;
-        let rx = self.raft.metrics();
-        let m = rx.borrow_watched();
-        m.state == ServerState::Leader
-            && m.current_leader == Some(self.id)
-            && self.transfer_term.load(Ordering::Acquire) != m.current_term
-            && m.last_applied.as_ref().is_some_and(|l| l.committed_leader_id().term() == m.current_term)
-            && m.last_quorum_acked.as_ref().is_some_and(|acked| acked.elapsed() < self.max_quorum_ack_age())
-    }
-
-    /// Stops lease reads for the current term before a leadership transfer starts (see
-    /// `lease_read_valid`): the transfer lets followers vote before the lease runs out.
-    pub fn begin_leader_transfer(&self) {
-        let term = self.raft.metrics().borrow_watched().current_term;
-        self.transfer_term.store(term, Ordering::Release);
-    }
-
     /// Returns once a read of local state is linearizable.
     pub async fn read_barrier(&self) -> Result<(), EtcdError> {
         let deadline = Instant::now() + Duration::from_millis(limits::REQUEST_TIMEOUT_MS);
@@ -532,8 +493,7 @@ impl Member {
                 Some(l) if l == self.id => match self.local_read_index().await {
                     Err(EtcdError::NotLeader) => None,
                     Err(e) => return Err(e),
-                    // Either the lease holds and everything acknowledged is applied here, or
-                    // ensure_linearizable waited for our own apply.
+                    // ensure_linearizable already waited for our own apply.
                     Ok(_) => return Ok(()),
                 },
                 // Concurrent reads on a follower share one ReadIndex round trip to the leader.
