@@ -8,12 +8,13 @@
 //! [`Mvcc::defragment`] takes exclusively. While it does, reads and writes on this member wait,
 //! as they do during etcd's own defrag.
 
-use std::sync::{PoisonError, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use rampart_core::EtcdError;
 use redb::{
-    CompactionError, Database, ReadTransaction, ReadableDatabase, ReadableTable, TransactionError,
+    CompactionError, Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable,
     WriteTransaction,
 };
 
@@ -22,27 +23,125 @@ use super::{
     read_meta_revs, snapshot, Fail, Mvcc, MvccError, KV, LEASES, META, META_RAFT_META, REVS,
 };
 
-/// The redb handle, shared by every transaction and taken exclusively only to defragment.
-pub(super) struct Db(RwLock<Database>);
+/// The redb handle, shared by every transaction and taken exclusively only to defragment, and
+/// the applied writes not yet committed to it (see [`Db::park`]).
+pub(super) struct Db {
+    /// Declared first so that it drops (aborts) before the handle closes.
+    parked: Mutex<Option<Parked>>,
+    /// True while `parked` holds a transaction: a reader must commit it before it begins.
+    dirty: AtomicBool,
+    /// Set when a commit of parked writes failed: the store has lost writes the raft layer
+    /// considers applied, and only a restart (which replays them from the raft log) repairs that.
+    failed: AtomicBool,
+    handle: RwLock<Database>,
+}
+
+impl Drop for Db {
+    /// Parked writes are committed before the handle closes (redb makes them durable as it
+    /// closes), so a clean stop leaves nothing to replay.
+    fn drop(&mut self) {
+        if let Err(e) = self.commit_parked() {
+            tracing::warn!(error = %e, "applied writes not committed at close; the raft log replays them");
+        }
+    }
+}
+
+/// An open write transaction holding applied batches that no reader has needed yet.
+pub(super) struct Parked {
+    pub txn: WriteTransaction,
+    /// When its first batch was applied.
+    pub since: Instant,
+}
 
 impl Db {
     pub(super) fn new(db: Database) -> Db {
-        Db(RwLock::new(db))
+        Db {
+            parked: Mutex::new(None),
+            dirty: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            handle: RwLock::new(db),
+        }
     }
 
     /// The handle, shared. Hold it no longer than needed: a defragmentation waits for it.
     pub(super) fn shared(&self) -> RwLockReadGuard<'_, Database> {
         // A panic while holding the lock cannot leave the Database half-changed: redb's own
         // transactions are atomic. So a poisoned lock is still a good lock.
-        self.0.read().unwrap_or_else(PoisonError::into_inner)
+        self.handle.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(super) fn begin_read(&self) -> Result<ReadTransaction, TransactionError> {
-        self.shared().begin_read()
+    /// A read transaction that sees every batch applied so far (parked ones are committed first).
+    pub(super) fn begin_read(&self) -> Result<ReadTransaction, MvccError> {
+        self.commit_parked()?;
+        Ok(self.shared().begin_read()?)
     }
 
-    pub(super) fn begin_write(&self) -> Result<WriteTransaction, TransactionError> {
-        self.shared().begin_write()
+    /// A write transaction of its own, after the parked writes are committed (redb has one writer
+    /// at a time, and a parked transaction is that writer).
+    pub(super) fn begin_write(&self) -> Result<WriteTransaction, MvccError> {
+        self.commit_parked()?;
+        Ok(self.shared().begin_write()?)
+    }
+
+    /// The parked transaction, locked: the apply path continues it, or begins a new one. Holding
+    /// the guard keeps readers that need the parked writes waiting until they are back or
+    /// committed.
+    pub(super) fn parked(&self) -> Result<MutexGuard<'_, Option<Parked>>, MvccError> {
+        self.check_failed()?;
+        Ok(self.parked.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Parks `txn` (applied, uncommitted) in `slot` for the next batch or the next reader.
+    pub(super) fn park(&self, slot: &mut Option<Parked>, parked: Parked) {
+        *slot = Some(parked);
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// Commits `txn`, which holds everything parked (it was taken from the slot), with the
+    /// given durability.
+    pub(super) fn commit(&self, mut txn: WriteTransaction, durable: bool) -> Result<(), MvccError> {
+        let result = (|| {
+            txn.set_durability(if durable { Durability::Immediate } else { Durability::None })?;
+            txn.commit()?;
+            Ok::<(), MvccError>(())
+        })();
+        if result.is_err() {
+            self.failed.store(true, Ordering::Release);
+        }
+        self.dirty.store(false, Ordering::Release);
+        result
+    }
+
+    /// Marks the store failed after a batch broke off halfway: its transaction (with every parked
+    /// batch) is dropped uncommitted.
+    pub(super) fn fail(&self) {
+        self.failed.store(true, Ordering::Release);
+        self.dirty.store(false, Ordering::Release);
+    }
+
+    /// Commits the parked writes, if any (without fsync: the raft log is their durable record).
+    pub(super) fn commit_parked(&self) -> Result<(), MvccError> {
+        if self.dirty.load(Ordering::Acquire) {
+            let mut slot = self.parked()?;
+            if let Some(p) = slot.take() {
+                self.commit(p.txn, false)?;
+            }
+        }
+        self.check_failed()
+    }
+
+    fn check_failed(&self) -> Result<(), MvccError> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(MvccError::Corrupt(
+                "an earlier commit of applied writes failed; restart the member to replay them from the raft log".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Exclusive access to the handle, for redb's compaction (nothing parked, no transaction).
+    fn exclusive(&self) -> RwLockWriteGuard<'_, Database> {
+        self.handle.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -172,10 +271,13 @@ impl Mvcc {
     pub fn defragment(&self, wait: Duration) -> Result<Defragmented, MvccError> {
         let before_bytes = self.db_size_bytes();
         let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        // Nothing is parked while `writing` is held and this is done: compaction needs no live
+        // transaction.
+        self.db.commit_parked()?;
         let deadline = Instant::now() + wait;
         loop {
             {
-                let mut db = self.db.0.write().unwrap_or_else(PoisonError::into_inner);
+                let mut db = self.db.exclusive();
                 // New transactions now wait at the lock; the ones already running finish soon.
                 let hold_until = Instant::now() + DEFRAG_HOLD;
                 loop {

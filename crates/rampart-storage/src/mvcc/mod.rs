@@ -2,9 +2,14 @@
 //! change feed, with the semantics of etcd 3.4/3.5.
 //!
 //! The raft state machine drives it: [`Mvcc::apply`] applies a batch of committed commands in
-//! one redb write transaction together with the raft layer's own bytes (last applied log id,
+//! a redb write transaction together with the raft layer's own bytes (last applied log id,
 //! membership), so that the data and the applied index can never disagree after a crash.
-//! Reads ([`Mvcc::range`], [`Mvcc::read_txn`], [`Mvcc::events_since`]) see committed state.
+//!
+//! Consecutive batches share one write transaction for up to `COMMIT_INTERVAL` (the transaction
+//! is *parked* between them, see `maintenance::Db`), because a redb commit copies every page it
+//! touched: under load that copying, not the writes themselves, was most of a batch's cost. Every
+//! read ([`Mvcc::range`], [`Mvcc::read_txn`], [`Mvcc::events_since`], hashes, snapshots) first
+//! commits what is parked, so a read always sees every batch applied before it began.
 //!
 //! # Storage layout (format version 1)
 //!
@@ -36,6 +41,7 @@ mod tests;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use rampart_core::EtcdError;
 use rampart_proto::etcdserverpb::{
@@ -45,7 +51,7 @@ use rampart_proto::etcdserverpb::{
 use rampart_proto::mvccpb::event::EventType;
 use rampart_proto::mvccpb::{Event, KeyValue};
 use rampart_proto::rampartpb::Command;
-use redb::{Durability, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 
 use codec::{KvKey, Record, Rev};
 
@@ -90,6 +96,11 @@ const META_FORMAT_VERSION: &str = "format_version";
 const META_CURRENT_REV: &str = "current_rev";
 const META_COMPACT_REV: &str = "compact_rev";
 const META_RAFT_META: &str = "raft_meta";
+
+/// How long applied batches may stay in one open write transaction (parked) before it is
+/// committed, when no reader asks for them sooner. Every commit copies the B-tree pages it
+/// touched, so fewer commits mean less copying per write; etcd's backend commits every 100 ms.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(50);
 
 /// etcd's revision of an empty store.
 const FIRST_REV: i64 = 1;
@@ -197,7 +208,7 @@ pub struct Mvcc {
     /// Keeps `apply` and `restore_snapshot` one at a time, so the cached revisions follow the
     /// commits in order.
     writing: Mutex<()>,
-    /// Leases and their attached keys, matching the last commit (see `lease`).
+    /// Leases and their attached keys, matching the last applied batch (see `lease`).
     leases: RwLock<lease::LeaseIndex>,
 }
 
@@ -306,14 +317,16 @@ impl Mvcc {
         run().map_err(Fail::into_etcd)
     }
 
-    /// Applies a batch of committed raft entries in one redb write transaction, together with
-    /// `raft_meta` (opaque bytes of the raft layer). `durable`: fsync before returning;
-    /// otherwise the commit may be lost in a crash (data and `raft_meta` together), and the raft
-    /// layer replays it from its log.
+    /// Applies a batch of committed raft entries in a redb write transaction, together with
+    /// `raft_meta` (opaque bytes of the raft layer). `durable`: commit with fsync before
+    /// returning, this batch and every one before it; otherwise the batch may stay parked
+    /// uncommitted (readers commit it when they need it) or be committed without fsync, and a
+    /// crash may lose it (data and `raft_meta` together): the raft layer replays it from its log.
     ///
     /// `None` items (entries without a command) are skipped. Returns one result per `Some`
-    /// item, in order; a rejected command changed nothing. `Err` means storage failed and
-    /// nothing of the batch was committed.
+    /// item, in order; a rejected command changed nothing. `Err` means storage failed: nothing
+    /// of the batch, nor of the parked batches before it, was committed, and every later call
+    /// fails until the member restarts and replays them from its raft log.
     pub fn apply(
         &self,
         batch: &[Option<&Command>],
@@ -341,46 +354,77 @@ impl Mvcc {
         durable: bool,
         leases: &mut lease::LeaseIndex,
     ) -> Result<Vec<Result<Applied, EtcdError>>, MvccError> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(if durable {
-            Durability::Immediate
-        } else {
-            Durability::None
-        })?;
-        let (results, current, compact) = {
-            let mut meta = txn.open_table(META)?;
-            let (rev, compact_rev) = read_meta_revs(&meta)?;
-            let tables = write::Tables {
-                kv: txn.open_table(KV)?,
-                revs: txn.open_table(REVS)?,
-                leases: txn.open_table(LEASES)?,
-            };
-            let mut writer = write::Writer {
-                tables,
-                leases,
-                rev,
-                compact_rev,
-            };
-            let mut results = Vec::with_capacity(batch.len());
-            for cmd in batch.iter().flatten() {
-                results.push(writer.apply(cmd)?);
+        // Held until the batch is committed or parked: a reader that needs the parked writes
+        // waits here instead of reading without them.
+        let mut slot = self.db.parked()?;
+        let parked = slot.take();
+        let (txn, since) = match parked {
+            // A durable commit takes long (it writes every dirty page): the parked writes are
+            // committed first, so readers need not wait for it.
+            Some(p) if durable => {
+                self.db.commit(p.txn, false)?;
+                (self.db.shared().begin_write()?, Instant::now())
             }
-            assert!(
-                writer.rev >= rev && writer.compact_rev <= writer.rev,
-                "revisions went backwards"
-            );
-            meta.insert(META_CURRENT_REV, writer.rev.to_le_bytes().as_slice())?;
-            meta.insert(
-                META_COMPACT_REV,
-                writer.compact_rev.to_le_bytes().as_slice(),
-            )?;
-            meta.insert(META_RAFT_META, raft_meta)?;
-            (results, writer.rev, writer.compact_rev)
+            Some(p) => (p.txn, p.since),
+            None => (self.db.shared().begin_write()?, Instant::now()),
         };
-        txn.commit()?;
+        let written = Self::write_batch(&txn, batch, raft_meta, leases);
+        let (results, current, compact) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                // The transaction holds this batch half-applied and every parked batch with it.
+                drop(txn);
+                self.db.fail();
+                return Err(e);
+            }
+        };
+        if durable || since.elapsed() >= COMMIT_INTERVAL {
+            self.db.commit(txn, durable)?;
+        } else {
+            self.db.park(&mut slot, maintenance::Parked { txn, since });
+        }
         self.current_rev.store(current, Ordering::Release);
         self.compact_rev.store(compact, Ordering::Release);
         Ok(results)
+    }
+
+    /// Applies `batch` and writes `raft_meta` inside `txn`; returns the results and the new
+    /// current and compaction revisions.
+    #[allow(clippy::type_complexity)]
+    fn write_batch(
+        txn: &redb::WriteTransaction,
+        batch: &[Option<&Command>],
+        raft_meta: &[u8],
+        leases: &mut lease::LeaseIndex,
+    ) -> Result<(Vec<Result<Applied, EtcdError>>, i64, i64), MvccError> {
+        let mut meta = txn.open_table(META)?;
+        let (rev, compact_rev) = read_meta_revs(&meta)?;
+        let tables = write::Tables {
+            kv: txn.open_table(KV)?,
+            revs: txn.open_table(REVS)?,
+            leases: txn.open_table(LEASES)?,
+        };
+        let mut writer = write::Writer {
+            tables,
+            leases,
+            rev,
+            compact_rev,
+        };
+        let mut results = Vec::with_capacity(batch.len());
+        for cmd in batch.iter().flatten() {
+            results.push(writer.apply(cmd)?);
+        }
+        assert!(
+            writer.rev >= rev && writer.compact_rev <= writer.rev,
+            "revisions went backwards"
+        );
+        meta.insert(META_CURRENT_REV, writer.rev.to_le_bytes().as_slice())?;
+        meta.insert(
+            META_COMPACT_REV,
+            writer.compact_rev.to_le_bytes().as_slice(),
+        )?;
+        meta.insert(META_RAFT_META, raft_meta)?;
+        Ok((results, writer.rev, writer.compact_rev))
     }
 
     /// The bytes last given to [`Mvcc::apply`] (or restored from a snapshot); None on a new store.
@@ -426,6 +470,8 @@ impl Mvcc {
     pub fn restore_snapshot(&self, r: &mut dyn std::io::Read) -> Result<(), MvccError> {
         let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         let mut leases = self.leases.write().unwrap_or_else(|e| e.into_inner());
+        // The snapshot replaces everything; nothing may stay parked across it.
+        self.db.commit_parked()?;
         snapshot::restore(&self.db.shared(), r)?;
         self.reload_leases(&mut leases)?;
         let txn = self.db.begin_read()?;
