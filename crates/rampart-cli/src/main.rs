@@ -207,15 +207,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // More worker threads than cores: storage calls (redb commits on apply, log writes) block a
-    // worker for a while, and raft's heartbeat and election timers must not wait behind them on
-    // a 2-core machine. The extra threads are idle most of the time.
+    // A member runs one worker thread per core: more workers on the same cores only added
+    // wake-ups and thread switches (member CPU per operation 5-12% lower with one per core,
+    // docs/performance.md finding 16). Its long storage calls (durable MVCC commits, snapshot
+    // installs) leave the worker first (`block_in_place` in rampart-raft's state machine), so
+    // raft's heartbeat and election timers do not wait behind them. The other commands (the
+    // load generator, the fault harness) keep twice as many workers as cores.
     // RAMPART_WORKER_THREADS overrides the count (for measurements; see docs/performance.md).
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2);
+    let default_workers = if matches!(cli.command, Command::Serve(_)) { cores } else { cores * 2 };
     let workers = std::env::var("RAMPART_WORKER_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|n| *n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2) * 2);
+        .unwrap_or(default_workers);
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

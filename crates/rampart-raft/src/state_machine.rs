@@ -258,6 +258,17 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
+/// Runs a long storage call (an fsync of the MVCC store, a snapshot install) so that it does not
+/// hold up the other tasks of this runtime worker: on the multi-threaded runtime the worker hands
+/// its queue to another thread first (`block_in_place`). The member runs one worker per core,
+/// and raft's heartbeats and election timers must not wait behind a durable commit.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 impl StateMachine {
     pub fn open(mvcc_path: &Path, snapshot_dir: &Path) -> io::Result<StateMachine> {
         std::fs::create_dir_all(snapshot_dir)?;
@@ -296,7 +307,7 @@ impl StateMachine {
         let meta = self.shared.meta.lock().unwrap();
         let meta_bytes = encode_sm_meta(&meta);
         // The log may be purged behind this snapshot: the state must survive a crash first.
-        self.shared.mvcc.apply(&[], &meta_bytes, true).map_err(io_err)?;
+        blocking(|| self.shared.mvcc.apply(&[], &meta_bytes, true)).map_err(io_err)?;
         *self.shared.durable_at.lock().unwrap() = Instant::now();
         let view = self.shared.mvcc.snapshot_view().map_err(io_err)?;
         let snap_meta = SnapshotMeta { last_log_id: meta.last_applied.clone(), last_membership: meta.membership.clone() };
@@ -390,7 +401,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             due
         };
-        let results = self.shared.mvcc.apply(&batch, &meta_bytes, durable).map_err(io_err)?;
+        let apply = || self.shared.mvcc.apply(&batch, &meta_bytes, durable);
+        let results = if durable { blocking(apply) } else { apply() }.map_err(io_err)?;
         if next_meta.auth.revision != meta.auth.revision {
             self.shared.publish_auth(&next_meta.auth);
         }
@@ -432,7 +444,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let data = snapshot.into_bytes()?;
         let mut meta = self.shared.meta.lock().unwrap();
         // restore_snapshot verifies the checksum before it replaces anything.
-        self.shared.mvcc.restore_snapshot(&mut data.as_slice()).map_err(io_err)?;
+        blocking(|| self.shared.mvcc.restore_snapshot(&mut data.as_slice())).map_err(io_err)?;
         let restored: SmMeta = match self.shared.mvcc.raft_meta().map_err(io_err)? {
             Some(bytes) => decode_sm_meta(&bytes)?,
             None => SmMeta::default(),
