@@ -201,7 +201,7 @@ impl Member {
     }
 
     pub fn header(&self, revision: i64) -> ResponseHeader {
-        let term = self.raft.metrics().borrow_watched().current_term;
+        let term = self.raft.server_metrics().borrow_watched().vote.leader_id.term;
         ResponseHeader { cluster_id: self.cluster_id, member_id: self.id, revision, raft_term: term }
     }
 
@@ -220,7 +220,7 @@ impl Member {
     /// callers wait for the next one instead of failing to find the removed one's address
     /// (bug 10 in docs/robustness.md). This member itself still leads until it steps down.
     fn leader(&self) -> Option<MemberId> {
-        let rx = self.raft.metrics();
+        let rx = self.raft.server_metrics();
         let m = rx.borrow_watched();
         m.current_leader.filter(|l| *l == self.id || m.membership_config.get_node(l).is_some())
     }
@@ -331,8 +331,13 @@ impl Member {
     }
 
     /// Resolves once this member knows of a leader other than `old`.
+    ///
+    /// Waits on openraft's *server* metrics, which change only with the vote, role, leader or
+    /// membership. The full metrics are sent after every turn of the raft core, so each write
+    /// waiting on them was woken thousands of times a second under load (finding 17 in
+    /// docs/performance.md).
     async fn leader_changed_from(&self, old: MemberId) {
-        let mut rx = self.raft.metrics();
+        let mut rx = self.raft.server_metrics();
         loop {
             let now = rx.borrow_watched().current_leader;
             if now.is_some() && now != Some(old) {
@@ -567,7 +572,7 @@ impl Member {
     }
 
     pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow_watched().state == ServerState::Leader
+        self.raft.server_metrics().borrow_watched().state == ServerState::Leader
     }
 
     /// Asks what only the leader can answer (lease renewals and lookups): runs `local` when this

@@ -176,19 +176,36 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     Ok(Running { member, stop, tasks })
 }
 
+/// How often [`Running::fatal`] looks at raft's running state.
+const FATAL_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl Running {
     /// Resolves when raft has stopped on its own with a fatal error (a storage failure such as a
     /// full disk): the member can no longer serve and the process should exit, so a supervisor
     /// restarts it once the cause is fixed. Etcd exits in the same situation.
+    ///
+    /// Checked every `FATAL_POLL`: the running state is only in openraft's full metrics, which are
+    /// sent after every turn of the raft core, and waiting on them woke this task thousands of
+    /// times a second under load.
     pub async fn fatal(&self) -> String {
         use openraft::type_config::async_runtime::WatchReceiver;
-        let mut rx = self.member.raft.metrics();
+        let rx = self.member.raft.metrics();
+        // Changes rarely; its sender goes away with the raft core.
+        let mut server = self.member.raft.server_metrics();
         loop {
             if let Err(e) = &rx.borrow_watched().running_state {
                 return e.to_string();
             }
-            if rx.changed().await.is_err() {
-                return "raft stopped".into();
+            tokio::select! {
+                _ = tokio::time::sleep(FATAL_POLL) => {}
+                changed = server.changed() => {
+                    if changed.is_err() {
+                        if let Err(e) = &rx.borrow_watched().running_state {
+                            return e.to_string();
+                        }
+                        return "raft stopped".into();
+                    }
+                }
             }
         }
     }
