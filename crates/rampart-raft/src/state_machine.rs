@@ -424,6 +424,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 .feed
                                 .send(Arc::new(Change { revision: applied.revision, events: applied.events }));
                         }
+                        // Only the member that proposed the entry has a client waiting for it.
+                        if responder.is_none() {
+                            continue;
+                        }
                         Reply(Ok(encode_reply(applied.response)))
                     }
                     Err(e) => Reply(Err(e)),

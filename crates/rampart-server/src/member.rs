@@ -510,9 +510,14 @@ impl Member {
                 // which clones its whole metrics to check.
                 Some(index) if self.sm.applied_index() >= index => return Ok(()),
                 Some(index) => {
+                    // openraft's apply progress, not `raft.wait()`: that watches the full metrics,
+                    // which are sent after every turn of the raft core (finding 17).
                     let left = deadline.saturating_duration_since(Instant::now());
-                    return match self.raft.wait(Some(left)).applied_index_at_least(Some(index), "read index").await {
-                        Ok(_) => Ok(()),
+                    let mut applied = self.raft.watch_apply_progress();
+                    let reached = applied.wait_until(move |a| a.as_ref().is_some_and(|l| l.index >= index));
+                    return match tokio::time::timeout(left, reached).await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(_)) => Err(EtcdError::Stopped),
                         Err(_) => Err(EtcdError::Timeout),
                     };
                 }
