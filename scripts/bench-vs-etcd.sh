@@ -58,7 +58,8 @@ log "load generator: ${bench[*]}"
 # away from etcd's defaults and from the tests' addresses (127.a.b.n with etcd's ports).
 mkdir -p "${BENCH_DIR:-$repo/target}"
 work=$(mktemp -d "$(cd "${BENCH_DIR:-$repo/target}" && pwd)/bench-vs-etcd.XXXXXX")
-fs=$(stat -f -c %T "$work")
+# stat -f names ext4 "ext2/ext3" (one magic number for the family); the mount table says which.
+fs=$(findmnt -no FSTYPE --target "$work" 2>/dev/null || stat -f -c %T "$work")
 if [ "$fs" = tmpfs ] || [ "$fs" = ramfs ]; then
   log "$work is on $fs; fsync would be free there. Set BENCH_DIR to a directory on a real disk."
   exit 1
