@@ -26,7 +26,7 @@ use super::{
 /// The redb handle, shared by every transaction and taken exclusively only to defragment, and
 /// the applied writes not yet committed to it (see [`Db::park`]).
 pub(super) struct Db {
-    /// Declared first so that it drops (aborts) before the handle closes.
+    /// Declared first: if `Drop` could not commit it, it drops (aborts) before the handle closes.
     parked: Mutex<Option<Parked>>,
     /// True while `parked` holds a transaction: a reader must commit it before it begins.
     dirty: AtomicBool,
