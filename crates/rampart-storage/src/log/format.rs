@@ -3,8 +3,13 @@
 
 /// First bytes of every segment file.
 pub(super) const SEGMENT_MAGIC: [u8; 8] = *b"RPLOGSEG";
-/// The only segment format this build writes and reads.
-pub(super) const FORMAT_VERSION: u32 = 1;
+/// The segment format this build writes. Version 2 is version 1 plus a zero-filled tail: space
+/// allocated ahead of the records, which begins with a record header of 16 zero bytes.
+pub(super) const FORMAT_VERSION: u32 = 2;
+/// The oldest segment format this build reads (and continues, in that format).
+pub(super) const OLDEST_READABLE_VERSION: u32 = 1;
+/// First format version whose segments may end in a zero-filled tail.
+pub(super) const ZERO_TAIL_VERSION: u32 = 2;
 pub(super) const SEGMENT_HEADER_LEN: u64 = 24;
 pub(super) const RECORD_HEADER_LEN: u64 = 16;
 /// Segment files are named `<first index, 20 digits>.seg` so that `ls` shows them in log order.
@@ -37,8 +42,10 @@ pub(super) fn encode_segment_header(first_index: u64) -> [u8; SEGMENT_HEADER_LEN
     h
 }
 
-/// The segment's first index, or why the header is unusable.
-pub(super) fn decode_segment_header(h: &[u8; SEGMENT_HEADER_LEN as usize]) -> Result<u64, String> {
+/// The segment's first index and format version, or why the header is unusable.
+pub(super) fn decode_segment_header(
+    h: &[u8; SEGMENT_HEADER_LEN as usize],
+) -> Result<(u64, u32), String> {
     if h[0..8] != SEGMENT_MAGIC {
         return Err("bad magic in segment header: not a rampart log segment".to_string());
     }
@@ -52,12 +59,13 @@ pub(super) fn decode_segment_header(h: &[u8; SEGMENT_HEADER_LEN as usize]) -> Re
     // Checked after the checksum so that a flipped bit is reported as damage, not as a version
     // from the future.
     let version = u32::from_le_bytes(h[8..12].try_into().unwrap());
-    if version != FORMAT_VERSION {
+    if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(format!(
-            "unsupported segment format version {version} (this build reads version {FORMAT_VERSION})"
+            "unsupported segment format version {version} (this build reads versions \
+             {OLDEST_READABLE_VERSION} to {FORMAT_VERSION})"
         ));
     }
-    Ok(u64::from_le_bytes(h[12..20].try_into().unwrap()))
+    Ok((u64::from_le_bytes(h[12..20].try_into().unwrap()), version))
 }
 
 /// crc32c over the index (8 bytes, little-endian) followed by the payload. Covering the index

@@ -11,18 +11,18 @@
 //! - `LOCK`: held with an exclusive `flock` while a [`LogStore`] is open, so two processes (or two
 //!   stores in one process) never write the same log.
 //!
-//! # Segment format (version 1, all integers little-endian)
+//! # Segment format (version 2, all integers little-endian)
 //!
 //! Header, 24 bytes:
 //!
 //! | bytes  | field                                              |
 //! |--------|----------------------------------------------------|
 //! | 0..8   | magic `b"RPLOGSEG"`                                |
-//! | 8..12  | format version, `u32` = 1                          |
+//! | 8..12  | format version, `u32` = 2 (1 is still read)        |
 //! | 12..20 | index of the first record, `u64` (matches the name)|
 //! | 20..24 | crc32c of bytes 0..20                              |
 //!
-//! Then records back to back until the end of the file, each:
+//! Then records back to back, each:
 //!
 //! | bytes  | field                                                        |
 //! |--------|--------------------------------------------------------------|
@@ -30,6 +30,15 @@
 //! | 4..8   | crc32c of the index (8 bytes, little-endian) then the payload|
 //! | 8..16  | index, `u64`                                                 |
 //! | 16..   | payload, `n` bytes                                           |
+//!
+//! In version 2 the records of the *last* segment may be followed by a zero-filled tail: space
+//! allocated ahead of the write position (`fallocate`, [`rampart_core::limits::LOG_PREALLOCATE_BYTES`]
+//! at a time), so that an append's `fdatasync` only writes data and does not also journal a new
+//! file size. The tail starts where a record header would, with 16 zero bytes (never a valid
+//! record: its checksum would be 0, and crc32c of eight zero bytes is not). A segment is cut back
+//! to its last record before the next one is created, so only the last segment has a tail.
+//! Version 1 is the same without the tail: its records run to the end of the file. A version-1
+//! segment left by an older build is read, and continued in version 1 until it is full.
 //!
 //! A new segment is started when the active one has reached `segment_bytes`, so a segment can
 //! exceed it by one record.
@@ -43,12 +52,16 @@
 //! as crash damage there:
 //!
 //! - a record (or the segment header) cut short by the end of the file;
-//! - a record failing its checksum that ends exactly at the end of the file;
+//! - a record failing its checksum that ends exactly at the end of the file, or (version 2) is
+//!   followed only by zeros up to the end of the file;
 //! - a record (or header) failing its checksum that overlaps a 512-byte-aligned sector that is
 //!   all zeros: some filesystems extend a file before its data blocks reach the disk, so a crash
 //!   leaves zeros where unsynced records were. etcd's WAL applies the same rule.
 //!
-//! The cut-off record and everything after it is discarded. A record is never skipped.
+//! The cut-off record and everything after it is discarded. A record is never skipped. The
+//! zero-filled tail of a version-2 segment is a clean end, not damage; whatever follows it is
+//! cut off as well (it can only be writes that never reached a sync), so that no stale bytes
+//! remain ahead of the next append.
 //!
 //! # Writes
 //!
@@ -200,6 +213,34 @@ impl PendingSync {
     }
 }
 
+impl Segment {
+    /// Extends the file with zero-filled, allocated space up to `len` bytes. Best effort: where
+    /// the filesystem cannot (no `fallocate`, or the disk is full) appends simply extend the file,
+    /// as they would without it.
+    fn allocate_to(&mut self, len: u64) {
+        use std::os::fd::AsRawFd;
+        let (Ok(offset), Ok(add)) = (
+            libc::off_t::try_from(self.file_len),
+            libc::off_t::try_from(len - self.file_len),
+        ) else {
+            return;
+        };
+        // SAFETY: fallocate on a file descriptor we own; no memory is passed.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, offset, add) };
+        if rc == 0 {
+            self.file_len = len;
+        } else {
+            // A failed fallocate may have allocated part of the range, and moved the end of
+            // the file with it; zeros there are a tail like any other.
+            let err = io::Error::last_os_error();
+            tracing::debug!(path = %self.path.display(), error = %err, "raft log: could not preallocate segment space");
+            if let Ok(meta) = self.file.metadata() {
+                self.file_len = self.file_len.max(meta.len());
+            }
+        }
+    }
+}
+
 struct Segment {
     /// Index of the first record in the file (also in its name and header). For the oldest
     /// segment it can be below the log's first index: purged records stay in the file until the
@@ -211,6 +252,10 @@ struct Segment {
     /// Bytes written to the file (synced or not). For the active segment, `LogStore::pending`
     /// continues from here.
     written_len: u64,
+    /// Length of the file: `written_len` plus the zero-filled tail allocated ahead of it.
+    file_len: u64,
+    /// The segment's format allows a zero-filled tail (version 2 on), so appends allocate ahead.
+    preallocate: bool,
 }
 
 /// The raft log. See the module documentation for the format and recovery rules.
@@ -328,10 +373,22 @@ impl LogStore {
         if !self.segments.is_empty() {
             // Make the finished segment, data and directory entry, durable before the next one
             // exists on disk. Recovery may then treat damage at the end of the last segment as a
-            // torn write, because no earlier segment can be missing unsynced data.
+            // torn write, because no earlier segment can be missing unsynced data. Its
+            // zero-filled tail goes first: only the last segment may have one.
             if self.needs_sync {
                 self.flush()?;
-                let old = self.segments.last().expect("checked above");
+            }
+            let old = self.segments.last_mut().expect("checked above");
+            if old.file_len > old.written_len {
+                old.file
+                    .set_len(old.written_len)
+                    .map_err(io_err(&old.path, "cutting the preallocated tail of segment"))?;
+                old.file_len = old.written_len;
+                old.file
+                    .sync_all()
+                    .map_err(io_err(&old.path, "syncing segment"))?;
+                self.needs_sync = false;
+            } else if self.needs_sync {
                 old.file
                     .sync_data()
                     .map_err(io_err(&old.path, "syncing segment"))?;
@@ -356,6 +413,8 @@ impl LogStore {
             path,
             file,
             written_len: 0,
+            file_len: 0,
+            preallocate: true,
         });
         self.dir_dirty = true;
         Ok(())
@@ -370,11 +429,16 @@ impl LogStore {
             .segments
             .last_mut()
             .expect("pending bytes belong to the active segment");
+        let end = active.written_len + self.pending.len() as u64;
+        if active.preallocate && end > active.file_len {
+            active.allocate_to(end + rampart_core::limits::LOG_PREALLOCATE_BYTES);
+        }
         active
             .file
             .write_all_at(&self.pending, active.written_len)
             .map_err(io_err(&active.path, "writing segment"))?;
-        active.written_len += self.pending.len() as u64;
+        active.written_len = end;
+        active.file_len = active.file_len.max(end);
         self.pending.clear();
         // One huge record should not pin a huge buffer for the life of the process.
         if self.pending.capacity() > 2 * WRITE_BUFFER_BYTES {
@@ -541,6 +605,7 @@ impl LogStore {
                     .file
                     .set_len(loc.offset)
                     .map_err(io_err(&active.path, "truncating segment"))?;
+                active.file_len = loc.offset;
                 // sync_all, not sync_data: the new length is what makes the cut durable.
                 active
                     .file

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::format::{
     decode_record_header, decode_segment_header, parse_segment_file_name, record_checksum,
-    RECORD_HEADER_LEN, SEGMENT_HEADER_LEN, SEGMENT_SUFFIX,
+    RECORD_HEADER_LEN, SEGMENT_HEADER_LEN, SEGMENT_SUFFIX, ZERO_TAIL_VERSION,
 };
 use super::{io_err, Loc, LogError, LogOptions, LogStore, Segment, LOCK_FILE, PURGE_FILE};
 use crate::meta;
@@ -239,8 +239,8 @@ fn scan_segment(
     let mut reader = BufReader::with_capacity(SCAN_BUFFER_BYTES, &file);
     let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
     reader.read_exact(&mut header).map_err(read_err)?;
-    let seg_first = match decode_segment_header(&header) {
-        Ok(first) => first,
+    let (seg_first, version) = match decode_segment_header(&header) {
+        Ok(decoded) => decoded,
         Err(reason) => {
             if is_last
                 && overlaps_zero_sector(&file, 0, SEGMENT_HEADER_LEN, file_len)
@@ -272,29 +272,34 @@ fn scan_segment(
         }
     }
 
+    let zero_tail_allowed = version >= ZERO_TAIL_VERSION;
     let mut offset = SEGMENT_HEADER_LEN;
     let mut next = seg_first;
     let mut records = 0u64;
     let mut payload = Vec::new();
-    let torn: Option<String> = loop {
+    let end: ScanEnd = loop {
         if offset == file_len {
-            break None;
+            break ScanEnd::FileEnd;
         }
         let remaining = file_len - offset;
+        let mut rh = [0u8; RECORD_HEADER_LEN as usize];
+        let have = remaining.min(RECORD_HEADER_LEN) as usize;
+        reader
+            .read_exact(&mut rh[..have])
+            .map_err(io_err(path, "reading segment"))?;
+        if zero_tail_allowed && rh[..have].iter().all(|&b| b == 0) {
+            break ScanEnd::ZeroTail;
+        }
         if remaining < RECORD_HEADER_LEN {
-            break Some(format!(
+            break ScanEnd::Torn(format!(
                 "incomplete record header ({remaining} of {RECORD_HEADER_LEN} bytes)"
             ));
         }
-        let mut rh = [0u8; RECORD_HEADER_LEN as usize];
-        reader
-            .read_exact(&mut rh)
-            .map_err(io_err(path, "reading segment"))?;
         let rec = decode_record_header(&rh);
         let rec_len = RECORD_HEADER_LEN + u64::from(rec.len);
         if remaining < rec_len {
             // Checked before allocating, so a damaged length cannot make us allocate 4 GiB.
-            break Some(format!(
+            break ScanEnd::Torn(format!(
                 "incomplete record: its header announces {} payload bytes but only {} follow",
                 rec.len,
                 remaining - RECORD_HEADER_LEN
@@ -314,9 +319,12 @@ fn scan_segment(
             let torn = is_last
                 && (offset + rec_len == file_len
                     || overlaps_zero_sector(&file, offset, offset + rec_len, file_len)
-                        .map_err(io_err(path, "reading segment"))?);
+                        .map_err(io_err(path, "reading segment"))?
+                    || (zero_tail_allowed
+                        && zeros_to_end(&file, offset + rec_len, file_len)
+                            .map_err(io_err(path, "reading segment"))?));
             if torn {
-                break Some(reason);
+                break ScanEnd::Torn(reason);
             }
             return Err(corrupt(offset, reason));
         }
@@ -339,11 +347,40 @@ fn scan_segment(
         offset += rec_len;
     };
 
-    if let Some(reason) = torn {
-        if !is_last {
-            return Err(corrupt(offset, reason));
+    let cut = match end {
+        ScanEnd::FileEnd => false,
+        ScanEnd::ZeroTail if !is_last => {
+            return Err(corrupt(
+                offset,
+                "zero-filled space after the records of a segment that is not the last one (a \
+                 segment is cut back to its records before the next one is created)"
+                    .to_string(),
+            ))
         }
-        warn_torn(path, offset, file_len - offset, &reason);
+        ScanEnd::ZeroTail => {
+            // A clean end. Anything but zeros after it was written and never synced (or the
+            // zeros hide damage, which the rule for zeroed sectors accepts as well); it goes, so
+            // that no stale record can turn up behind the next append.
+            if !zeros_to_end(&file, offset, file_len).map_err(io_err(path, "reading segment"))? {
+                warn_torn(
+                    path,
+                    offset,
+                    file_len - offset,
+                    "non-zero bytes after the zero-filled end of the records",
+                );
+            }
+            true
+        }
+        ScanEnd::Torn(reason) => {
+            if !is_last {
+                return Err(corrupt(offset, reason));
+            }
+            warn_torn(path, offset, file_len - offset, &reason);
+            true
+        }
+    };
+    if cut {
+        // The preallocated space goes too; the next append allocates afresh (zeros).
         file.set_len(offset)
             .map_err(io_err(path, "truncating torn tail"))?;
         file.sync_all()
@@ -365,9 +402,22 @@ fn scan_segment(
             path: path.to_path_buf(),
             file,
             written_len: offset,
+            file_len: offset,
+            preallocate: zero_tail_allowed,
         },
         next - 1,
     ))
+}
+
+/// How the scan of a segment's records ended.
+enum ScanEnd {
+    /// The last record ends at the end of the file.
+    FileEnd,
+    /// A zero-filled tail (version 2) follows the last record.
+    ZeroTail,
+    /// Crash damage if this is the last segment, corruption otherwise; the reason says which
+    /// check failed.
+    Torn(String),
 }
 
 fn warn_torn(path: &Path, offset: u64, discarded_bytes: u64, reason: &str) {
@@ -379,6 +429,21 @@ fn warn_torn(path: &Path, offset: u64, discarded_bytes: u64, reason: &str) {
         "raft log: discarding a torn write at the end of the last segment (written but not \
          synced before a crash, so never acknowledged)"
     );
+}
+
+/// Whether every byte from `start` to the end of the file is zero.
+fn zeros_to_end(file: &File, start: u64, file_len: u64) -> io::Result<bool> {
+    let mut buf = vec![0u8; SCAN_BUFFER_BYTES.min((file_len - start) as usize)];
+    let mut at = start;
+    while at < file_len {
+        let len = buf.len().min((file_len - at) as usize);
+        file.read_exact_at(&mut buf[..len], at)?;
+        if buf[..len].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += len as u64;
+    }
+    Ok(true)
 }
 
 /// Whether the bytes `start..end` overlap a sector-aligned block that is all zeros in the file

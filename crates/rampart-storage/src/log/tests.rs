@@ -59,11 +59,16 @@ fn segment_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// Bytes of records (and headers) in the segment files, without the zero-filled tail allocated
+/// ahead of the last segment's records. The test payloads end in a non-zero byte, so a record
+/// never ends in zeros.
 fn disk_bytes(dir: &Path) -> u64 {
-    segment_files(dir)
-        .iter()
-        .map(|p| fs::metadata(p).unwrap().len())
-        .sum()
+    segment_files(dir).iter().map(|p| data_len(p)).sum()
+}
+
+fn data_len(file: &Path) -> u64 {
+    let bytes = fs::read(file).unwrap();
+    bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i as u64 + 1)
 }
 
 fn expect_corrupt(dir: &Path, file: &Path, reason_contains: &str) {
@@ -391,6 +396,12 @@ fn segments_roll_over_and_are_named_by_first_index() {
         // A segment exceeds the limit by at most one record.
         assert!(seg.written_len < 500 + RECORD_HEADER_LEN + 300);
     }
+    // Only the last segment keeps space allocated ahead of its records.
+    for file in &files[..files.len() - 1] {
+        assert_eq!(fs::metadata(file).unwrap().len(), data_len(file), "{file:?}");
+    }
+    let last = files.last().unwrap();
+    assert!(fs::metadata(last).unwrap().len() > data_len(last));
     assert_eq!(log.size_bytes(), disk_bytes(dir.path()));
     check(&reopen(log), Some((1, 60)));
 }
@@ -419,7 +430,8 @@ fn torn_tail_recovers_to_last_complete_record() {
         log.sync().unwrap();
         let last_file = segment_files(dir.path()).pop().unwrap();
         let last_start = offset_of(&log, 30);
-        let len = fs::metadata(&last_file).unwrap().len();
+        let len = data_len(&last_file);
+        assert_eq!(len, log.loc(30).unwrap().end());
         drop(log);
         let new_len = len - cut;
         assert!(
@@ -469,10 +481,18 @@ fn bad_checksum_on_the_final_record_is_a_torn_tail() {
     append_all(&mut log, 1..=20);
     log.sync().unwrap();
     let file = segment_files(dir.path()).pop().unwrap();
+    let end = log.loc(20).unwrap().end() as usize;
     drop(log);
     let mut bytes = fs::read(&file).unwrap();
-    let n = bytes.len();
-    bytes[n - 1] ^= 0x40;
+    assert!(
+        bytes.len() > end && bytes[end..].iter().all(|&b| b == 0),
+        "the records are followed by a zero-filled tail"
+    );
+    bytes[end - 1] ^= 0x40;
+    fs::write(&file, &bytes).unwrap();
+    check(&open(dir.path(), 1 << 20), Some((1, 19)));
+    // Without the tail the record ends the file: the same rule, as in version 1.
+    bytes.truncate(end);
     fs::write(&file, &bytes).unwrap();
     check(&open(dir.path(), 1 << 20), Some((1, 19)));
 }
@@ -573,11 +593,11 @@ fn bad_segment_headers_are_refused() {
     damage(
         &|b| {
             // A well-formed header from a future version.
-            b[8..12].copy_from_slice(&2u32.to_le_bytes());
+            b[8..12].copy_from_slice(&3u32.to_le_bytes());
             let crc = crc32c::crc32c(&b[0..20]);
             b[20..24].copy_from_slice(&crc.to_le_bytes());
         },
-        "unsupported segment format version 2",
+        "unsupported segment format version 3",
     );
     fs::write(&file, &good).unwrap();
     let renamed = dir.path().join("00000000000000000002.seg");
@@ -655,6 +675,122 @@ fn reads_hand_built_version_1_segment() {
         fs::read(dir.path().join("00000000000000000007.seg")).unwrap(),
         seg
     );
+}
+
+/// Stored-format compatibility for version 2: a segment built by hand, records then a
+/// zero-filled tail, opens, and the writer continues where the records end.
+#[test]
+fn reads_hand_built_version_2_segment_with_a_zero_tail() {
+    let mut seg = Vec::new();
+    seg.extend_from_slice(b"RPLOGSEG");
+    seg.extend_from_slice(&2u32.to_le_bytes());
+    seg.extend_from_slice(&7u64.to_le_bytes());
+    let header_crc = crc32c::crc32c(&seg);
+    seg.extend_from_slice(&header_crc.to_le_bytes());
+    for (index, payload) in [(7u64, &b"seven"[..]), (8, b""), (9, b"nine")] {
+        let mut crc_input = index.to_le_bytes().to_vec();
+        crc_input.extend_from_slice(payload);
+        seg.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        seg.extend_from_slice(&crc32c::crc32c(&crc_input).to_le_bytes());
+        seg.extend_from_slice(&index.to_le_bytes());
+        seg.extend_from_slice(payload);
+    }
+    let records_end = seg.len();
+    seg.resize(records_end + 1000, 0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("00000000000000000007.seg");
+    fs::write(&file, &seg).unwrap();
+    let mut log = open(dir.path(), 1 << 20);
+    assert_eq!(
+        log.read_range(0, 100).unwrap(),
+        vec![(7, b"seven".to_vec()), (8, vec![]), (9, b"nine".to_vec())]
+    );
+    log.append(10, b"ten").unwrap();
+    log.sync().unwrap();
+    drop(log);
+    let bytes = fs::read(&file).unwrap();
+    assert_eq!(bytes[..records_end], seg[..records_end]);
+    let ten_end = records_end + RECORD_HEADER_LEN as usize + 3;
+    assert_eq!(&bytes[records_end + 16..ten_end], b"ten");
+    assert!(bytes[ten_end..].iter().all(|&b| b == 0));
+    let log = open(dir.path(), 1 << 20);
+    assert_eq!(log.last_index(), Some(10));
+    assert_eq!(log.read(10).unwrap(), Some(b"ten".to_vec()));
+}
+
+#[test]
+fn a_version_1_segment_is_continued_until_full_then_version_2_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path(), 600);
+    append_all(&mut log, 1..=3);
+    log.sync().unwrap();
+    let end = log.segments[0].written_len as usize;
+    drop(log);
+    // Make the segment a version-1 file, as an older build wrote it: no tail, version 1.
+    let file = segment_files(dir.path()).pop().unwrap();
+    let mut bytes = fs::read(&file).unwrap();
+    bytes.truncate(end);
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes[0..20]);
+    bytes[20..24].copy_from_slice(&crc.to_le_bytes());
+    fs::write(&file, &bytes).unwrap();
+
+    let mut log = open(dir.path(), 600);
+    append_all(&mut log, 4..=20);
+    log.sync().unwrap();
+    let files = segment_files(dir.path());
+    assert!(files.len() > 1);
+    let first = fs::read(&files[0]).unwrap();
+    assert_eq!(u32::from_le_bytes(first[8..12].try_into().unwrap()), 1);
+    assert_eq!(first.len() as u64, log.segments[0].written_len, "version 1 gets no tail");
+    let last = fs::read(files.last().unwrap()).unwrap();
+    assert_eq!(u32::from_le_bytes(last[8..12].try_into().unwrap()), 2);
+    assert!(last.len() as u64 > log.segments.last().unwrap().written_len);
+    check(&reopen(log), Some((1, 20)));
+}
+
+#[test]
+fn stale_bytes_behind_the_zero_tail_are_cut_so_they_cannot_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path(), 1 << 20);
+    append_all(&mut log, 1..=10);
+    log.sync().unwrap();
+    let end = log.loc(10).unwrap().end();
+    drop(log);
+    // A crash can leave later writes on disk while an earlier one is missing (zeros): here a
+    // well-formed record 12 some way into the tail, with record 11's place still zero.
+    let file = segment_files(dir.path()).pop().unwrap();
+    let mut stale = Vec::new();
+    encode_record(&mut stale, 12, &payload(12));
+    let f = fs::OpenOptions::new().write(true).open(&file).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &stale, end + 400).unwrap();
+    drop(f);
+
+    let mut log = open(dir.path(), 1 << 20);
+    check(&log, Some((1, 10)));
+    assert_eq!(fs::metadata(&file).unwrap().len(), end, "cut back to the records");
+    // Record 11 is longer than the gap was, so without the cut the next reopen would find the
+    // stale record 12 straight after it.
+    log.append(11, &vec![7u8; 400 - RECORD_HEADER_LEN as usize]).unwrap();
+    log.sync().unwrap();
+    let log = reopen(log);
+    assert_eq!(log.last_index(), Some(11));
+}
+
+#[test]
+fn a_zero_tail_in_an_earlier_segment_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path(), 1_000);
+    append_all(&mut log, 1..=60);
+    log.sync().unwrap();
+    drop(log);
+    let files = segment_files(dir.path());
+    let f = fs::OpenOptions::new().write(true).open(&files[1]).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len + 100).unwrap();
+    drop(f);
+    expect_corrupt(dir.path(), &files[1], "zero-filled space");
 }
 
 #[test]
@@ -803,8 +939,15 @@ fn random_operations_match_a_model() {
             }
         }
         log.sync().unwrap();
-        assert_eq!(log.size_bytes(), disk_bytes(dir.path()), "seed {seed}");
+        // These payloads may end in zeros, so the files are measured after a reopen, which cuts
+        // the last segment back to its records.
+        let size = log.size_bytes();
         let log = reopen(log);
+        let on_disk: u64 = segment_files(dir.path())
+            .iter()
+            .map(|p| fs::metadata(p).unwrap().len())
+            .sum();
+        assert_eq!(size, on_disk, "seed {seed}");
         let want: Vec<_> = model.into_iter().collect();
         assert_eq!(log.read_range(0, u64::MAX).unwrap(), want, "seed {seed}");
     }

@@ -297,7 +297,7 @@ impl Mvcc {
     /// The header has only `revision` filled: the newest revision at read time.
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, EtcdError> {
         validate::range(req)?;
-        let txn = self.db.begin_read().map_err(|e| storage_failed(e.into()))?;
+        let txn = self.db.begin_read().map_err(storage_failed)?;
         let run = || -> Result<RangeResponse, Fail> {
             let (current, compact) = read_meta_revs(&txn.open_table(META)?)?;
             read::range_request(&txn.open_table(KV)?, req, current, compact)
@@ -309,7 +309,7 @@ impl Mvcc {
     /// the committed state without going through the log, as etcd serves read-only txns. A txn
     /// that writes is refused with InvalidArgument. Header as in [`Mvcc::range`].
     pub fn read_txn(&self, req: &TxnRequest) -> Result<TxnResponse, EtcdError> {
-        let txn = self.db.begin_read().map_err(|e| storage_failed(e.into()))?;
+        let txn = self.db.begin_read().map_err(storage_failed)?;
         let run = || -> Result<TxnResponse, Fail> {
             let (current, compact) = read_meta_revs(&txn.open_table(META)?)?;
             write::read_only_txn(&txn.open_table(KV)?, req, current, compact)
@@ -493,7 +493,7 @@ impl Mvcc {
     /// gone and its puts lack `prev_kv`. A caller that needs every change (the backup
     /// archiver) should insist on `after_rev >= compact_revision()`.
     pub fn events_since(&self, after_rev: i64, limit: usize) -> Result<Vec<Event>, EtcdError> {
-        let txn = self.db.begin_read().map_err(|e| storage_failed(e.into()))?;
+        let txn = self.db.begin_read().map_err(storage_failed)?;
         let run = || -> Result<Vec<Event>, Fail> {
             let (_, compact) = read_meta_revs(&txn.open_table(META)?)?;
             let after_rev = after_rev.max(0);
