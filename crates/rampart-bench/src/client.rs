@@ -15,9 +15,7 @@ use rampart_proto::etcdserverpb::{
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use hyper_util::rt::TokioIo;
-use rampart_proto::wire::BatchedWrites;
-use tokio::net::TcpStream;
+use rampart_proto::wire::BatchedConnector;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
@@ -148,39 +146,13 @@ pub(crate) async fn connect(urls: &[String], n: usize) -> anyhow::Result<Vec<(St
             let channel = Endpoint::from_shared(url.clone())
                 .with_context(|| format!("bad endpoint {url:?}"))?
                 .connect_timeout(CONNECT_TIMEOUT)
-                .connect_with_connector(Connector)
+                .connect_with_connector(BatchedConnector::default())
                 .await
                 .with_context(|| format!("cannot connect to {url}"))?;
             anyhow::Ok((url, channel))
         }
     });
     futures::future::try_join_all(opens).await
-}
-
-/// Opens a connection's TCP stream: Nagle off, and writes batched as gRPC clients such as
-/// grpc-go's batch theirs (`rampart_proto::wire`); without it h2 makes one `writev` per put
-/// request of 256 bytes or more.
-#[derive(Clone, Copy)]
-struct Connector;
-
-impl tonic::codegen::Service<tonic::codegen::http::Uri> for Connector {
-    type Response = TokioIo<BatchedWrites<TcpStream>>;
-    type Error = std::io::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: tonic::codegen::http::Uri) -> Self::Future {
-        Box::pin(async move {
-            let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
-            let port = uri.port_u16().unwrap_or(80);
-            let stream = TcpStream::connect((host.as_str(), port)).await?;
-            stream.set_nodelay(true)?;
-            Ok(TokioIo::new(BatchedWrites::new(stream)))
-        })
-    }
 }
 
 /// Runs `fut` with the per-request deadline.

@@ -1,5 +1,6 @@
 //! The TCP streams under Rampart's gRPC connections where many small messages share one
-//! connection: a member's client listeners (`rampart-server::serve`) and the load generator's
+//! connection: a member's client listeners (`rampart-server::serve`), its outgoing peer
+//! connections ([`BatchedConnector`], `rampart-raft::network`) and the load generator's
 //! connections (`rampart-bench`).
 //!
 //! h2 (under tonic) writes to the socket each time its connection task runs out of frames to
@@ -19,12 +20,16 @@
 //! 20–30% less CPU per read (finding 13 in docs/performance.md). The extra cost is one task
 //! poll per write; the extra latency, one trip through the run queue.
 
+use std::future::Future;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
+use tonic::codegen::http::Uri;
 
 /// A byte stream that tells its writer it has no vectored writes, so h2 batches small frames,
 /// and that lets the writer's task yield once before each write, so that frames other tasks
@@ -87,6 +92,54 @@ impl tonic::transport::server::Connected for BatchedWrites<TcpStream> {
     fn connect_info(&self) -> Self::ConnectInfo {
         self.inner.connect_info()
     }
+}
+
+/// Opens the TCP connections of a tonic channel (`Endpoint::connect_with_connector`) as
+/// [`BatchedWrites`] streams, with Nagle off, leaving from `local_ip` when it is set (tonic's
+/// own connector would make one `writev` per frame: an AppendEntries call was three, its
+/// HEADERS, its DATA and the empty DATA frame that ends the request). The endpoint's connect
+/// timeout still applies.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BatchedConnector {
+    pub local_ip: Option<IpAddr>,
+}
+
+impl tonic::codegen::Service<Uri> for BatchedConnector {
+    type Response = TokioIo<BatchedWrites<TcpStream>>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let local_ip = self.local_ip;
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
+            let port = uri.port_u16().unwrap_or(80);
+            let mut last_err = io::Error::new(io::ErrorKind::NotFound, format!("{host} resolves to no address"));
+            for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
+                match connect_from(addr, local_ip).await {
+                    Ok(stream) => {
+                        stream.set_nodelay(true)?;
+                        return Ok(TokioIo::new(BatchedWrites::new(stream)));
+                    }
+                    Err(e) => last_err = e,
+                }
+            }
+            Err(last_err)
+        })
+    }
+}
+
+/// Connects to `addr`, bound to `local_ip` first when it is of the same address family.
+async fn connect_from(addr: SocketAddr, local_ip: Option<IpAddr>) -> io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    if let Some(ip) = local_ip.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    socket.connect(addr).await
 }
 
 #[cfg(test)]

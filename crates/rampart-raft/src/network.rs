@@ -21,6 +21,7 @@ use openraft::raft::{
 use openraft::OptionalSend;
 use rampart_proto::rampartpb::peer_client::PeerClient;
 use rampart_proto::rampartpb::RaftRequest;
+use rampart_proto::wire::BatchedConnector;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
@@ -87,12 +88,10 @@ pub fn decode<T: DeserializeOwned>(b: &[u8]) -> std::io::Result<T> {
 /// members is identifiable by address pair: what network redundancy and fault injection key on.
 pub fn peer_channel(url: &str, local_ip: Option<IpAddr>) -> Result<Channel, tonic::transport::Error> {
     Ok(Endpoint::from_shared(url.to_string())?
-        .local_address(local_ip)
         .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
-        .connect_lazy())
+        .connect_with_connector_lazy(BatchedConnector { local_ip }))
 }
 
 pub fn peer_client(url: &str, local_ip: Option<IpAddr>) -> Result<PeerClient<Channel>, tonic::transport::Error> {
