@@ -45,6 +45,8 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 50;
 /// leader for [E, 1.2 E). Ours is shorter to make the failover gap small; pre-vote and the leader
 /// lease keep it stable. See ARCHITECTURE.md.
 pub const DEFAULT_ELECTION_TIMEOUT_MS: u64 = 250;
+/// Accepted peer connections told apart (pipe or gRPC) and waiting for the gRPC server.
+pub const PEER_ACCEPT_QUEUE: usize = 64;
 /// Most entries sent in one AppendEntries RPC.
 pub const MAX_APPEND_ENTRIES: u64 = 256;
 /// Most watches one Watch stream may hold (etcd has no limit); a create beyond it is answered

@@ -134,7 +134,7 @@ impl tonic::codegen::Service<Uri> for BatchedConnector {
 }
 
 /// Connects to `addr`, bound to `local_ip` first when it is of the same address family.
-async fn connect_from(addr: SocketAddr, local_ip: Option<IpAddr>) -> io::Result<TcpStream> {
+pub async fn connect_from(addr: SocketAddr, local_ip: Option<IpAddr>) -> io::Result<TcpStream> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if let Some(ip) = local_ip.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
         socket.bind(SocketAddr::new(ip, 0))?;

@@ -8,6 +8,8 @@
 //! - [`network::PeerNetwork`]: the client half of the peer transport (one gRPC unary RPC carrying
 //!   postcard-encoded openraft messages). The server half lives in rampart-server, which owns the
 //!   `Raft` handle.
+//! - [`pipe`]: AppendEntries, the hot path, on a plain TCP connection beside the gRPC service
+//!   (both halves).
 //!
 //! This crate is the only one that knows openraft's types in detail; the server sees `Raft`,
 //! `Request` and `Reply`.
@@ -20,6 +22,7 @@ pub mod auth;
 pub mod codec;
 pub mod log_store;
 pub mod network;
+pub mod pipe;
 pub mod state_machine;
 
 pub use rampart_core::MemberId;

@@ -27,6 +27,7 @@ use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::codec;
+use crate::pipe::{PipeClient, PipeError};
 use crate::state_machine::SnapshotData;
 use crate::{MemberId, PeerNode, TypeConfig};
 
@@ -37,6 +38,8 @@ type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotDat
 /// allocate without limit.
 pub const MAX_PEER_MESSAGE_BYTES: usize = 1 << 30;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long AppendEntries go over gRPC to a peer that refused the pipe, before it is tried again.
+const PIPE_RETRY: Duration = Duration::from_secs(30);
 /// Least time given to an AppendEntries or snapshot RPC (see `PeerConnection::rpc`).
 const APPEND_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -124,16 +127,82 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
 
     async fn new_client(&mut self, target: MemberId, node: &PeerNode) -> PeerConnection {
         let url = node.peer_urls.first().cloned().unwrap_or_default();
-        PeerConnection { target, client: peer_client(&url, self.local_ip).map_err(|e| e.to_string()) }
+        let pipe_addr = url.parse::<tonic::codegen::http::Uri>().ok().and_then(|uri| {
+            let host = uri.host()?.trim_start_matches('[').trim_end_matches(']').to_string();
+            Some((host, uri.port_u16().unwrap_or(80)))
+        });
+        PeerConnection {
+            target,
+            client: peer_client(&url, self.local_ip).map_err(|e| e.to_string()),
+            local_ip: self.local_ip,
+            pipe_addr,
+            pipe_refused_until: None,
+            pipe: None,
+        }
     }
 }
 
 pub struct PeerConnection {
     target: MemberId,
     client: Result<PeerClient<Channel>, String>,
+    local_ip: Option<IpAddr>,
+    /// Where the AppendEntries pipe connects (the peer URL's host and port); None when the URL
+    /// does not parse, and AppendEntries goes over gRPC.
+    pipe_addr: Option<(String, u16)>,
+    /// The peer refused the pipe (it predates it, or it died just as the pipe was opened):
+    /// AppendEntries go over gRPC until then, when the pipe is tried again.
+    pipe_refused_until: Option<std::time::Instant>,
+    /// The open pipe, if any. Dropped after any failure or timeout: an answer that arrives late
+    /// must not be taken for the next request's.
+    pipe: Option<PipeClient>,
 }
 
 impl PeerConnection {
+    /// One AppendEntries over the pipe, opening it first if needed.
+    async fn append_via_pipe(
+        &mut self,
+        rpc: &AppendEntriesRequest<TypeConfig>,
+        timeout: Duration,
+    ) -> Option<Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>>> {
+        if self.pipe_refused_until.is_some_and(|t| std::time::Instant::now() < t) {
+            return None;
+        }
+        let (host, port) = self.pipe_addr.clone()?;
+        let local_ip = self.local_ip;
+        let slot = &mut self.pipe;
+        let call = async {
+            if slot.is_none() {
+                let opened = tokio::time::timeout(CONNECT_TIMEOUT, PipeClient::connect(&host, port, local_ip)).await;
+                *slot = Some(opened.map_err(|_| PipeError::Io(std::io::ErrorKind::TimedOut.into()))??);
+            }
+            slot.as_mut().expect("opened above").append_entries(rpc).await
+        };
+        let result = tokio::time::timeout(timeout, call).await;
+        let target = self.target;
+        let result = match result {
+            Ok(Ok(Ok(resp))) => return Some(Ok(resp)),
+            Ok(Ok(Err(remote))) => {
+                return Some(Err(RPCError::Network(NetworkError::from_string(format!(
+                    "member {target:x} failed AppendEntries: {remote}"
+                )))))
+            }
+            Ok(Err(e)) => e,
+            Err(_) => PipeError::Io(std::io::ErrorKind::TimedOut.into()),
+        };
+        self.pipe = None;
+        let msg = format!("member {target:x} AppendEntries pipe: {result}");
+        Some(Err(match result {
+            PipeError::NotSupported => {
+                tracing::warn!(member = format!("{target:x}"), "peer closed the AppendEntries pipe unanswered; using gRPC for it for a while");
+                self.pipe_refused_until = Some(std::time::Instant::now() + PIPE_RETRY);
+                return None;
+            }
+            // Refused, reset or timed out: back off as for an unreachable peer.
+            PipeError::Io(_) => RPCError::Unreachable(Unreachable::from_string(msg)),
+            PipeError::Protocol(_) => RPCError::Network(NetworkError::from_string(msg)),
+        }))
+    }
+
     async fn rpc<Req: Serialize, Resp: DeserializeOwned>(
         &mut self,
         kind: RpcKind,
@@ -150,12 +219,7 @@ impl PeerConnection {
                 ))))
             }
         };
-        // openraft hands AppendEntries a TTL of one heartbeat interval (50 ms by default). A batch
-        // of large entries cannot cross the wire in that time, and retrying it with the same TTL
-        // would never end: replication needs the time the bytes take. Heartbeats and votes keep
-        // the short TTL, which is what failure detection relies on.
-        let timeout = if long { option.hard_ttl().max(APPEND_TIMEOUT) } else { option.hard_ttl() };
-        match call::<Req, Resp>(client, kind, req, timeout).await {
+        match call::<Req, Resp>(client, kind, req, rpc_timeout(option, long)).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(remote)) => Err(RPCError::Network(NetworkError::from_string(format!(
                 "member {:x} failed {kind:?}: {remote}",
@@ -173,6 +237,18 @@ impl PeerConnection {
     }
 }
 
+/// openraft hands AppendEntries a TTL of one heartbeat interval (50 ms by default). A batch of
+/// large entries cannot cross the wire in that time, and retrying it with the same TTL would
+/// never end: replication needs the time the bytes take. Heartbeats and votes keep the short
+/// TTL, which is what failure detection relies on.
+fn rpc_timeout(option: &RPCOption, long: bool) -> Duration {
+    if long {
+        option.hard_ttl().max(APPEND_TIMEOUT)
+    } else {
+        option.hard_ttl()
+    }
+}
+
 impl RaftNetworkV2<TypeConfig> for PeerConnection {
     type SnapshotData = SnapshotData;
 
@@ -183,6 +259,9 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         // Entries get the long timeout; an empty AppendEntries is a heartbeat and keeps openraft's.
         let long = !rpc.entries.is_empty();
+        if let Some(answer) = self.append_via_pipe(&rpc, rpc_timeout(&option, long)).await {
+            return answer;
+        }
         self.rpc(RpcKind::AppendEntries, &rpc, &option, long).await
     }
 

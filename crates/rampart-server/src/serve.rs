@@ -53,6 +53,52 @@ fn client_incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io
     incoming(listener).map(|accepted| accepted.map(BatchedWrites::new))
 }
 
+/// Accepts a peer listener's connections until `stop`: AppendEntries pipes
+/// (`rampart_raft::pipe`) are served here, one task each; every other connection is HTTP/2 for
+/// the gRPC peer service and comes out of the returned stream. Each connection is told apart in
+/// its own task, so one slow to send its first bytes holds up no other.
+fn peer_incoming(
+    listener: TcpListener,
+    raft: rampart_raft::Raft,
+    mut stop: watch::Receiver<bool>,
+) -> impl futures::Stream<Item = std::io::Result<TcpStream>> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<TcpStream>>(limits::PEER_ACCEPT_QUEUE);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                accepted = listener.accept() => accepted,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: tonic logs and goes on, so do we.
+                    tracing::warn!(%e, "accepting a peer connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let (tx, raft, mut stop) = (tx.clone(), raft.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut stream = stream;
+                if rampart_raft::pipe::is_pipe(&stream).await {
+                    let served = async { rampart_raft::pipe::skip_preface(&mut stream).await?; rampart_raft::pipe::serve(stream, raft).await };
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => {}
+                        r = served => if let Err(e) = r {
+                            tracing::debug!(%e, "AppendEntries pipe closed");
+                        },
+                    }
+                } else {
+                    let _ = tx.send(Ok(stream)).await;
+                }
+            });
+        }
+    });
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
 async fn bind(url: &str) -> Result<TcpListener, StartError> {
     let addr = url_to_addr(url)?;
     TcpListener::bind(addr).await.map_err(|e| StartError::Listen { url: url.to_string(), err: e.to_string() })
@@ -82,11 +128,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
         let mut rx = stop_rx.clone();
+        let grpc_conns = peer_incoming(listener, member.raft.clone(), stop_rx.clone());
         tasks.push(tokio::spawn(async move {
             let r = Server::builder()
                 .tcp_nodelay(true)
                 .add_service(svc)
-                .serve_with_incoming_shutdown(incoming(listener), async move {
+                .serve_with_incoming_shutdown(grpc_conns, async move {
                     let _ = rx.wait_for(|s| *s).await;
                 })
                 .await;
