@@ -145,8 +145,7 @@ pub(crate) async fn connect(urls: &[String], n: usize) -> anyhow::Result<Vec<(St
         async move {
             let channel = Endpoint::from_shared(url.clone())
                 .with_context(|| format!("bad endpoint {url:?}"))?
-                .connect_timeout(CONNECT_TIMEOUT)
-                .connect_with_connector(BatchedConnector::default())
+                .connect_with_connector(BatchedConnector { local_ip: None, connect_timeout: Some(CONNECT_TIMEOUT) })
                 .await
                 .with_context(|| format!("cannot connect to {url}"))?;
             anyhow::Ok((url, channel))

@@ -97,11 +97,15 @@ impl tonic::transport::server::Connected for BatchedWrites<TcpStream> {
 /// Opens the TCP connections of a tonic channel (`Endpoint::connect_with_connector`) as
 /// [`BatchedWrites`] streams, with Nagle off, leaving from `local_ip` when it is set (tonic's
 /// own connector would make one `writev` per frame: an AppendEntries call was three, its
-/// HEADERS, its DATA and the empty DATA frame that ends the request). The endpoint's connect
-/// timeout still applies.
+/// HEADERS, its DATA and the empty DATA frame that ends the request).
+///
+/// A failed connection attempt (refused, unreachable, or over `connect_timeout`) is reported
+/// as a "tcp connect error", as hyper's own connector words it: callers tell from it that a
+/// request never left (rampart-server retries a forwarded write only then).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BatchedConnector {
     pub local_ip: Option<IpAddr>,
+    pub connect_timeout: Option<std::time::Duration>,
 }
 
 impl tonic::codegen::Service<Uri> for BatchedConnector {
@@ -114,21 +118,29 @@ impl tonic::codegen::Service<Uri> for BatchedConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let local_ip = self.local_ip;
+        let BatchedConnector { local_ip, connect_timeout } = *self;
         Box::pin(async move {
             let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
             let port = uri.port_u16().unwrap_or(80);
-            let mut last_err = io::Error::new(io::ErrorKind::NotFound, format!("{host} resolves to no address"));
-            for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
-                match connect_from(addr, local_ip).await {
-                    Ok(stream) => {
-                        stream.set_nodelay(true)?;
-                        return Ok(TokioIo::new(BatchedWrites::new(stream)));
+            let connect = async {
+                let mut last_err = io::Error::new(io::ErrorKind::NotFound, format!("{host} resolves to no address"));
+                for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
+                    match connect_from(addr, local_ip).await {
+                        Ok(stream) => return Ok(stream),
+                        Err(e) => last_err = e,
                     }
-                    Err(e) => last_err = e,
                 }
-            }
-            Err(last_err)
+                Err(last_err)
+            };
+            let connected = match connect_timeout {
+                Some(limit) => tokio::time::timeout(limit, connect)
+                    .await
+                    .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {limit:?}")))),
+                None => connect.await,
+            };
+            let stream = connected.map_err(|e| io::Error::new(e.kind(), format!("tcp connect error: {e}")))?;
+            stream.set_nodelay(true)?;
+            Ok(TokioIo::new(BatchedWrites::new(stream)))
         })
     }
 }
@@ -147,6 +159,29 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tonic::transport::server::Connected;
+
+    #[tokio::test]
+    async fn failed_connects_say_tcp_connect_error_whether_refused_or_unanswered() {
+        use tonic::codegen::Service;
+        let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        // A listener that accepts nothing with a full queue: further SYNs go unanswered.
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let silent = listener.local_addr().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(s)) = tokio::time::timeout(std::time::Duration::from_millis(200), TcpStream::connect(silent)).await {
+                fillers.push(s);
+            }
+        }
+        let mut connector = BatchedConnector { local_ip: None, connect_timeout: Some(std::time::Duration::from_millis(300)) };
+        for addr in [refused, silent] {
+            let uri: Uri = format!("http://{addr}").parse().unwrap();
+            let err = connector.call(uri).await.err().expect("no connection");
+            assert!(err.to_string().starts_with("tcp connect error"), "{addr}: {err}");
+        }
+    }
 
     #[tokio::test]
     async fn passes_bytes_through_both_ways_and_reports_no_vectored_writes() {

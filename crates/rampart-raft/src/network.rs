@@ -91,10 +91,9 @@ pub fn decode<T: DeserializeOwned>(b: &[u8]) -> std::io::Result<T> {
 /// members is identifiable by address pair: what network redundancy and fault injection key on.
 pub fn peer_channel(url: &str, local_ip: Option<IpAddr>) -> Result<Channel, tonic::transport::Error> {
     Ok(Endpoint::from_shared(url.to_string())?
-        .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
-        .connect_with_connector_lazy(BatchedConnector { local_ip }))
+        .connect_with_connector_lazy(BatchedConnector { local_ip, connect_timeout: Some(CONNECT_TIMEOUT) }))
 }
 
 pub fn peer_client(url: &str, local_ip: Option<IpAddr>) -> Result<PeerClient<Channel>, tonic::transport::Error> {

@@ -700,3 +700,23 @@ fn read_identity(path: &Path) -> Result<Option<Identity>, String> {
 }
 
 pub type Metrics = openraft::RaftMetrics<TypeConfig>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_peer_that_cannot_be_reached_is_known_not_to_have_the_write() {
+        // A port nobody listens on: taken, then released.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut client = network::peer_client(&format!("http://127.0.0.1:{port}"), None).unwrap();
+        let reqs: Vec<Request> = vec![Request::Kv(vec![1, 2, 3])];
+        let status = network::call::<_, Vec<Result<Vec<u8>, EtcdError>>>(&mut client, RpcKind::ProposeBatch, &reqs, Duration::from_secs(2))
+            .await
+            .expect_err("nothing listens there");
+        assert!(never_sent(&status), "{status:?}");
+        // An answer that never comes is not such a case: the write may have been applied.
+        assert!(!never_sent(&tonic::Status::unavailable("connection reset by peer")));
+        assert!(!never_sent(&tonic::Status::deadline_exceeded("timeout expired")));
+    }
+}
