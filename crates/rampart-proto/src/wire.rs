@@ -178,7 +178,7 @@ mod tests {
         let mut connector = BatchedConnector { local_ip: None, connect_timeout: Some(std::time::Duration::from_millis(300)) };
         for addr in [refused, silent] {
             let uri: Uri = format!("http://{addr}").parse().unwrap();
-            let err = connector.call(uri).await.err().expect("no connection");
+            let err = connector.call(uri).await.expect_err("no connection");
             assert!(err.to_string().starts_with("tcp connect error"), "{addr}: {err}");
         }
     }
