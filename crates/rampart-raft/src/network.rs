@@ -1,9 +1,11 @@
 //! Client half of the peer transport.
 //!
-//! Every raft message travels as one unary gRPC call `rampartpb.Peer/Raft` carrying a
-//! [`RpcKind`] and a postcard-encoded openraft message; the reply is a postcard-encoded
-//! `Result<Response, String>`. The server half (rampart-server) decodes with the same
-//! [`encode`]/[`decode`] pair, so both ends agree by construction.
+//! AppendEntries, the hot path, goes over the [`crate::pipe`] (plain TCP on the same port) and
+//! falls back to gRPC for a peer that refuses it. Every other raft message travels as one unary
+//! gRPC call `rampartpb.Peer/Raft` carrying a [`RpcKind`] and a postcard-encoded openraft
+//! message; the reply is a postcard-encoded `Result<Response, String>`. The server half
+//! (rampart-server) decodes with the same [`encode`]/[`decode`] pair, so both ends agree by
+//! construction.
 //!
 //! Connections are made lazily and kept per peer; tonic reconnects after a peer restarts.
 
