@@ -5,20 +5,12 @@
 //! callback queued so far, does a single fdatasync for all of them, then completes them in order.
 //! Under load many client writes share one fsync; a lone write still gets its own at once.
 //!
-//! On a follower the hand-off buys nothing: openraft answers the leader's AppendEntries only once
-//! the entries are flushed, and the next one comes after that answer, so there is nothing to
-//! overlap the fsync with. While [`LogStore::set_inline_sync`] is on (the member sets it while it
-//! follows), `append` syncs on the raft core's own thread and completes the callback before it
-//! returns, which saves two thread wake-ups on every replicated write. The leader keeps the
-//! syncer, because openraft sends new entries to the followers only after `append` returns.
-//!
 //! The vote and the purge point are small files replaced atomically (`rampart_storage::meta`).
 
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -45,8 +37,6 @@ pub struct LogStore {
     /// The last known commit index, rewritten in place (no fsync) on every commit, so a restart
     /// re-applies everything that was committed (openraft's "persisted committed").
     committed: Arc<std::fs::File>,
-    /// `append` syncs before it returns instead of handing off to the syncer thread.
-    inline_sync: Arc<AtomicBool>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
@@ -65,19 +55,7 @@ impl LogStore {
             .name("raft-log-sync".into())
             .spawn(move || syncer(sync_log, rx))?;
         let committed = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(dir.join(COMMITTED_FILE))?;
-        Ok(LogStore {
-            inner,
-            dir: dir.to_path_buf(),
-            syncer: tx,
-            committed: Arc::new(committed),
-            inline_sync: Arc::new(AtomicBool::new(false)),
-        })
-    }
-
-    /// Whether `append` syncs on the caller's thread (see the module documentation). Only a
-    /// matter of speed: either way the callback is completed after the records are durable.
-    pub fn set_inline_sync(&self, on: bool) {
-        self.inline_sync.store(on, Ordering::Relaxed);
+        Ok(LogStore { inner, dir: dir.to_path_buf(), syncer: tx, committed: Arc::new(committed) })
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, file: &str) -> io::Result<Option<T>> {
@@ -120,21 +98,20 @@ impl LogStore {
     }
 }
 
-/// Runs a sync begun under the log's lock without it, so that appends (the raft core waits on
-/// those) and reads for replication go on while the disk works, then records the outcome.
-fn run_sync(log: &Mutex<SegmentLog>, pending: Option<rampart_storage::log::PendingSync>) -> io::Result<()> {
-    let Some(pending) = pending else { return Ok(()) };
-    let synced = pending.run();
-    log.lock().unwrap().finish_sync(synced).map_err(io_err)
-}
-
 /// The group-commit loop: one fdatasync for everything queued, then complete callbacks in order.
 fn syncer(log: Arc<Mutex<SegmentLog>>, rx: mpsc::Receiver<IOFlushed<TypeConfig>>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
-        let begun = log.lock().unwrap().begin_sync();
-        let result = begun.map_err(io_err).and_then(|pending| run_sync(&log, pending));
+        // The fsync runs without the log's lock: appends (the raft core waits on those) and
+        // reads for replication go on while the disk works, instead of queueing behind it.
+        let result = (|| {
+            let pending = log.lock().unwrap().begin_sync()?;
+            let Some(pending) = pending else { return Ok(()) };
+            let synced = pending.run();
+            log.lock().unwrap().finish_sync(synced)
+        })()
+        .map_err(io_err);
         for cb in batch {
             let r = match &result {
                 Ok(()) => Ok(()),
@@ -243,23 +220,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let inline = {
+        {
             let mut log = self.inner.lock().unwrap();
             for entry in entries {
                 log.append(entry.log_id.index, &codec::encode_entry(&entry)).map_err(io_err)?;
             }
-            // With the syncer busy, it syncs these records next anyway; one sync at a time.
-            (self.inline_sync.load(Ordering::Relaxed) && !log.sync_in_flight()).then(|| log.begin_sync())
-        };
-        match inline {
-            Some(begun) => {
-                // Completed callbacks still queued for the syncer may report after this one;
-                // openraft keeps the newest flushed point and ignores older ones.
-                let result = begun.map_err(io_err).and_then(|pending| run_sync(&self.inner, pending));
-                callback.io_completed(result);
-            }
-            None => self.syncer.send(callback).map_err(|_| io::Error::other("raft log syncer thread stopped"))?,
         }
+        self.syncer.send(callback).map_err(|_| io::Error::other("raft log syncer thread stopped"))?;
         Ok(())
     }
 

@@ -330,21 +330,6 @@ impl Member {
         out
     }
 
-    /// Keeps the raft log's sync mode in step with this member's role until `stop`: followers
-    /// sync appends on the raft core's thread, the leader hands them to the log's syncer thread
-    /// (see `rampart_raft::log_store`).
-    pub async fn steer_log_sync(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut rx = self.raft.server_metrics();
-        loop {
-            let state = rx.borrow_watched().state;
-            self.log.set_inline_sync(matches!(state, ServerState::Follower | ServerState::Learner));
-            tokio::select! {
-                _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
-                changed = rx.changed() => if changed.is_err() { return },
-            }
-        }
-    }
-
     /// Resolves once this member knows of a leader other than `old`.
     ///
     /// Waits on openraft's *server* metrics, which change only with the vote, role, leader or

@@ -211,7 +211,6 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
 
     tokio::spawn(member.clone().publish_attributes());
     tasks.push(tokio::spawn(maintenance::watch_quota(member.clone(), stop_rx.clone())));
-    tasks.push(tokio::spawn(member.clone().steer_log_sync(stop_rx.clone())));
     tasks.push(tokio::spawn(lessor.run_expiry(stop_rx.clone())));
     tracing::info!(
         name = %cfg.name,

@@ -492,11 +492,6 @@ impl LogStore {
         })
     }
 
-    /// A [`PendingSync`] was handed out and not finished yet.
-    pub fn sync_in_flight(&self) -> bool {
-        self.sync_in_flight
-    }
-
     /// Records the outcome of [`PendingSync::run`]. A failed sync poisons the log: after a
     /// failed fsync the kernel may have dropped the dirty pages, so nothing written since the
     /// last good sync can be trusted (no retry, as PostgreSQL learned).
