@@ -188,7 +188,15 @@ impl PeerConnection {
                 )))))
             }
             Ok(Err(e)) => e,
-            Err(_) => PipeError::Io(std::io::ErrorKind::TimedOut.into()),
+            Err(_) => {
+                // Not an unreachable peer: a slow one (a heartbeat's TTL is one heartbeat
+                // interval), as a gRPC deadline was. openraft backs off from unreachable peers,
+                // and backing off here would leave a busy follower without heartbeats.
+                self.pipe = None;
+                return Some(Err(RPCError::Network(NetworkError::from_string(format!(
+                    "member {target:x} AppendEntries pipe: no answer within {timeout:?}"
+                )))));
+            }
         };
         self.pipe = None;
         let msg = format!("member {target:x} AppendEntries pipe: {result}");
@@ -198,7 +206,7 @@ impl PeerConnection {
                 self.pipe_refused_until = Some(std::time::Instant::now() + PIPE_RETRY);
                 return None;
             }
-            // Refused, reset or timed out: back off as for an unreachable peer.
+            // Refused or reset: back off as for an unreachable peer (tonic's Unavailable).
             PipeError::Io(_) => RPCError::Unreachable(Unreachable::from_string(msg)),
             PipeError::Protocol(_) => RPCError::Network(NetworkError::from_string(msg)),
         }))
