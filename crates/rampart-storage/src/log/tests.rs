@@ -632,30 +632,38 @@ fn damage_found_by_a_read_after_open_is_reported() {
     assert_eq!(log.read(5).unwrap(), Some(payload(5)));
 }
 
-/// Stored-format compatibility: a version-1 segment built by hand from the layout documented in
-/// mod.rs (not with the writer) must open and read in every later version.
-#[test]
-fn reads_hand_built_version_1_segment() {
-    fn record(index: u64, payload: &[u8]) -> Vec<u8> {
-        let mut crc_input = index.to_le_bytes().to_vec();
-        crc_input.extend_from_slice(payload);
-        let mut r = Vec::new();
-        r.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        r.extend_from_slice(&crc32c::crc32c(&crc_input).to_le_bytes());
-        r.extend_from_slice(&index.to_le_bytes());
-        r.extend_from_slice(payload);
-        r
-    }
+/// A record as the layout documented in mod.rs says (built without the writer's code).
+fn hand_built_record(index: u64, payload: &[u8]) -> Vec<u8> {
+    let mut crc_input = index.to_le_bytes().to_vec();
+    crc_input.extend_from_slice(payload);
+    let mut r = Vec::new();
+    r.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    r.extend_from_slice(&crc32c::crc32c(&crc_input).to_le_bytes());
+    r.extend_from_slice(&index.to_le_bytes());
+    r.extend_from_slice(payload);
+    r
+}
+
+/// A segment of format `version` starting at index 7 holding "seven", "" and "nine".
+fn hand_built_segment(version: u32) -> Vec<u8> {
     let mut seg = Vec::new();
     seg.extend_from_slice(b"RPLOGSEG");
-    seg.extend_from_slice(&1u32.to_le_bytes());
+    seg.extend_from_slice(&version.to_le_bytes());
     seg.extend_from_slice(&7u64.to_le_bytes());
     let header_crc = crc32c::crc32c(&seg);
     seg.extend_from_slice(&header_crc.to_le_bytes());
     assert_eq!(seg.len(), 24);
-    seg.extend(record(7, b"seven"));
-    seg.extend(record(8, b""));
-    seg.extend(record(9, b"nine"));
+    seg.extend(hand_built_record(7, b"seven"));
+    seg.extend(hand_built_record(8, b""));
+    seg.extend(hand_built_record(9, b"nine"));
+    seg
+}
+
+/// Stored-format compatibility: a version-1 segment built by hand from the layout documented in
+/// mod.rs (not with the writer) must open and read in every later version.
+#[test]
+fn reads_hand_built_version_1_segment() {
+    let mut seg = hand_built_segment(1);
 
     let dir = tempfile::tempdir().unwrap();
     fs::write(dir.path().join("00000000000000000007.seg"), &seg).unwrap();
@@ -670,7 +678,7 @@ fn reads_hand_built_version_1_segment() {
     log.append(10, b"ten").unwrap();
     log.sync().unwrap();
     drop(log);
-    seg.extend(record(10, b"ten"));
+    seg.extend(hand_built_record(10, b"ten"));
     assert_eq!(
         fs::read(dir.path().join("00000000000000000007.seg")).unwrap(),
         seg
@@ -681,20 +689,7 @@ fn reads_hand_built_version_1_segment() {
 /// zero-filled tail, opens, and the writer continues where the records end.
 #[test]
 fn reads_hand_built_version_2_segment_with_a_zero_tail() {
-    let mut seg = Vec::new();
-    seg.extend_from_slice(b"RPLOGSEG");
-    seg.extend_from_slice(&2u32.to_le_bytes());
-    seg.extend_from_slice(&7u64.to_le_bytes());
-    let header_crc = crc32c::crc32c(&seg);
-    seg.extend_from_slice(&header_crc.to_le_bytes());
-    for (index, payload) in [(7u64, &b"seven"[..]), (8, b""), (9, b"nine")] {
-        let mut crc_input = index.to_le_bytes().to_vec();
-        crc_input.extend_from_slice(payload);
-        seg.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        seg.extend_from_slice(&crc32c::crc32c(&crc_input).to_le_bytes());
-        seg.extend_from_slice(&index.to_le_bytes());
-        seg.extend_from_slice(payload);
-    }
+    let mut seg = hand_built_segment(2);
     let records_end = seg.len();
     seg.resize(records_end + 1000, 0);
 
