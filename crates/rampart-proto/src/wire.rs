@@ -120,17 +120,10 @@ impl tonic::codegen::Service<Uri> for BatchedConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let BatchedConnector { local_ip, connect_timeout } = *self;
         Box::pin(async move {
-            let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
-            let port = uri.port_u16().unwrap_or(80);
             let connect = async {
-                let mut last_err = io::Error::new(io::ErrorKind::NotFound, format!("{host} resolves to no address"));
-                for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
-                    match connect_from(addr, local_ip).await {
-                        Ok(stream) => return Ok(stream),
-                        Err(e) => last_err = e,
-                    }
-                }
-                Err(last_err)
+                let (host, port) =
+                    host_port(&uri).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no host in {uri}")))?;
+                connect(&host, port, local_ip).await
             };
             let connected = match connect_timeout {
                 Some(limit) => tokio::time::timeout(limit, connect)
@@ -139,14 +132,36 @@ impl tonic::codegen::Service<Uri> for BatchedConnector {
                 None => connect.await,
             };
             let stream = connected.map_err(|e| io::Error::new(e.kind(), format!("tcp connect error: {e}")))?;
-            stream.set_nodelay(true)?;
             Ok(TokioIo::new(BatchedWrites::new(stream)))
         })
     }
 }
 
+/// The host (without IPv6 brackets) and port (80 when absent) a URL such as
+/// `http://127.0.0.1:2380` names.
+pub fn host_port(uri: &Uri) -> Option<(String, u16)> {
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']').to_string();
+    Some((host, uri.port_u16().unwrap_or(80)))
+}
+
+/// A TCP connection to the first address of `host` that answers, with Nagle off, leaving from
+/// `local_ip` when it is set: how every peer and bench connection is opened.
+pub async fn connect(host: &str, port: u16, local_ip: Option<IpAddr>) -> io::Result<TcpStream> {
+    let mut last_err = io::Error::new(io::ErrorKind::NotFound, format!("{host} resolves to no address"));
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        match connect_from(addr, local_ip).await {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                return Ok(stream);
+            }
+            Err(e) => last_err = e,
+        }
+    }
+    Err(last_err)
+}
+
 /// Connects to `addr`, bound to `local_ip` first when it is of the same address family.
-pub async fn connect_from(addr: SocketAddr, local_ip: Option<IpAddr>) -> io::Result<TcpStream> {
+async fn connect_from(addr: SocketAddr, local_ip: Option<IpAddr>) -> io::Result<TcpStream> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if let Some(ip) = local_ip.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
         socket.bind(SocketAddr::new(ip, 0))?;

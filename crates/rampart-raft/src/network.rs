@@ -23,7 +23,7 @@ use openraft::raft::{
 use openraft::OptionalSend;
 use rampart_proto::rampartpb::peer_client::PeerClient;
 use rampart_proto::rampartpb::RaftRequest;
-use rampart_proto::wire::BatchedConnector;
+use rampart_proto::wire::{self, BatchedConnector};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
@@ -128,10 +128,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
 
     async fn new_client(&mut self, target: MemberId, node: &PeerNode) -> PeerConnection {
         let url = node.peer_urls.first().cloned().unwrap_or_default();
-        let pipe_addr = url.parse::<tonic::codegen::http::Uri>().ok().and_then(|uri| {
-            let host = uri.host()?.trim_start_matches('[').trim_end_matches(']').to_string();
-            Some((host, uri.port_u16().unwrap_or(80)))
-        });
+        let pipe_addr = url.parse().ok().and_then(|uri| wire::host_port(&uri));
         PeerConnection {
             target,
             client: peer_client(&url, self.local_ip).map_err(|e| e.to_string()),

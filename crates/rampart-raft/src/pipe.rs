@@ -69,18 +69,9 @@ impl std::fmt::Display for PipeError {
 impl PipeClient {
     /// Connects to `host:port` (leaving from `local_ip` when given) and sends the preface.
     pub async fn connect(host: &str, port: u16, local_ip: Option<IpAddr>) -> Result<PipeClient, PipeError> {
-        let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} resolves to no address"));
-        for addr in tokio::net::lookup_host((host, port)).await.map_err(PipeError::Io)? {
-            match rampart_proto::wire::connect_from(addr, local_ip).await {
-                Ok(mut stream) => {
-                    stream.set_nodelay(true).map_err(PipeError::Io)?;
-                    stream.write_all(&PREFACE).await.map_err(PipeError::Io)?;
-                    return Ok(PipeClient { stream: BufReader::new(stream), answered: false });
-                }
-                Err(e) => last = e,
-            }
-        }
-        Err(PipeError::Io(last))
+        let mut stream = rampart_proto::wire::connect(host, port, local_ip).await.map_err(PipeError::Io)?;
+        stream.write_all(&PREFACE).await.map_err(PipeError::Io)?;
+        Ok(PipeClient { stream: BufReader::new(stream), answered: false })
     }
 
     /// Sends one AppendEntries and waits for its answer (the remote's error as a string).
