@@ -2,6 +2,10 @@
 //!
 //! Every stored value starts with a record-format byte so that a later format can be read next to
 //! this one. The key layouts are fixed by [`super::FORMAT_VERSION`].
+//!
+//! Format 2 keeps every version in one table keyed by revision ([`encode_entry`]). The format 1
+//! layout (`kv` keyed by user key then revision, and `revs`) is still decoded here: a format 1
+//! file is migrated when it opens, and a format 1 snapshot converted when it is restored.
 
 use std::cmp::Ordering;
 
@@ -10,8 +14,10 @@ use redb::{Key, TypeName, Value};
 
 use super::MvccError;
 
-/// First byte of every value in the `kv` and `revs` tables.
+/// First byte of every value in the format 1 `kv` and `revs` tables.
 pub(crate) const RECORD_V1: u8 = 1;
+/// First byte of every value in the format 2 `kv_by_rev` table.
+pub(crate) const RECORD_V2: u8 = 2;
 
 const KIND_PUT: u8 = 0;
 const KIND_TOMBSTONE: u8 = 1;
@@ -91,28 +97,14 @@ impl Key for KvKey {
     }
 }
 
-/// Encodes a `kv` table key. Revisions are never negative in storage.
+/// Encodes a format 1 `kv` table key (tests build format 1 stores with it).
+#[cfg(test)]
 pub(crate) fn kv_key(user_key: &[u8], rev: Rev) -> Vec<u8> {
-    kv_key_raw(user_key, rev.main as u64, rev.sub as u64)
-}
-
-/// Like [`kv_key`] but with raw bounds, for `u64::MAX` "after every revision" keys.
-pub(crate) fn kv_key_raw(user_key: &[u8], main: u64, sub: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(user_key.len() + REV_SUFFIX);
     k.extend_from_slice(user_key);
-    k.extend_from_slice(&main.to_be_bytes());
-    k.extend_from_slice(&sub.to_be_bytes());
+    k.extend_from_slice(&(rev.main as u64).to_be_bytes());
+    k.extend_from_slice(&(rev.sub as u64).to_be_bytes());
     k
-}
-
-/// Smallest `kv` key of `user_key`.
-pub(crate) fn kv_key_first(user_key: &[u8]) -> Vec<u8> {
-    kv_key_raw(user_key, 0, 0)
-}
-
-/// Largest possible `kv` key of `user_key`.
-pub(crate) fn kv_key_last(user_key: &[u8]) -> Vec<u8> {
-    kv_key_raw(user_key, u64::MAX, u64::MAX)
 }
 
 /// Splits a `kv` table key into user key and revision.
@@ -154,6 +146,8 @@ pub(crate) enum Record {
 
 impl Record {
     /// Layout v1: `[RECORD_V1, kind]`, then for a put `be(create) be(version) be(lease) value`.
+    /// Only tests write it now, to build format 1 stores.
+    #[cfg(test)]
     pub fn encode(&self) -> Vec<u8> {
         match self {
             Record::Tombstone => vec![RECORD_V1, KIND_TOMBSTONE],
@@ -228,23 +222,117 @@ pub(crate) fn is_tombstone(v: &[u8]) -> Result<bool, MvccError> {
     }
 }
 
-/// Value of the `revs` table: which user key changed at a revision.
-pub(crate) fn encode_rev_value(user_key: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + user_key.len());
-    v.push(RECORD_V1);
-    v.extend_from_slice(user_key);
+/// One stored version in format 2: the user key and what was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Entry<'a> {
+    pub key: &'a [u8],
+    pub tombstone: bool,
+    /// For a put: `be(create) be(version) be(lease) value`; empty for a tombstone.
+    fields: &'a [u8],
+}
+
+impl Entry<'_> {
+    pub fn record(&self) -> Record {
+        if self.tombstone {
+            return Record::Tombstone;
+        }
+        let int = |at: usize| i64::from_be_bytes(self.fields[at..at + 8].try_into().expect("8 bytes"));
+        Record::Put {
+            create_revision: int(0),
+            version: int(8),
+            lease: int(16),
+            value: self.fields[24..].to_vec(),
+        }
+    }
+
+    /// The lease of a put (0 for a tombstone), without copying the value.
+    pub fn lease(&self) -> i64 {
+        if self.tombstone {
+            return 0;
+        }
+        i64::from_be_bytes(self.fields[16..24].try_into().expect("checked by decode_entry"))
+    }
+
+    /// The version as etcd's KeyValue, stored at `mod_revision`; None for a tombstone.
+    pub fn key_value(&self, mod_revision: i64) -> Option<KeyValue> {
+        self.record().into_key_value(self.key, mod_revision)
+    }
+}
+
+/// Layout of a `kv_by_rev` value (format 2): `[RECORD_V2, kind]`, le32 key length, the key, then
+/// for a put `be(create) be(version) be(lease) value`.
+pub(crate) fn encode_entry(key: &[u8], record: &Record) -> Vec<u8> {
+    let key_len = u32::try_from(key.len()).expect("keys are limited far below 4 GiB");
+    let mut v = Vec::with_capacity(6 + key.len() + 24 + record_value_len(record));
+    v.push(RECORD_V2);
+    match record {
+        Record::Tombstone => {
+            v.push(KIND_TOMBSTONE);
+            v.extend_from_slice(&key_len.to_le_bytes());
+            v.extend_from_slice(key);
+        }
+        Record::Put {
+            create_revision,
+            version,
+            lease,
+            value,
+        } => {
+            v.push(KIND_PUT);
+            v.extend_from_slice(&key_len.to_le_bytes());
+            v.extend_from_slice(key);
+            v.extend_from_slice(&create_revision.to_be_bytes());
+            v.extend_from_slice(&version.to_be_bytes());
+            v.extend_from_slice(&lease.to_be_bytes());
+            v.extend_from_slice(value);
+        }
+    }
     v
 }
 
-pub(crate) fn decode_rev_value(v: &[u8]) -> Result<&[u8], MvccError> {
-    match v {
-        [RECORD_V1, key @ ..] if !key.is_empty() => Ok(key),
-        [RECORD_V1] => Err(MvccError::Corrupt("revs record without a key".into())),
-        [version, ..] => Err(MvccError::Corrupt(format!(
-            "unknown revs record version {version}"
-        ))),
-        [] => Err(MvccError::Corrupt("empty revs record".into())),
+fn record_value_len(record: &Record) -> usize {
+    match record {
+        Record::Put { value, .. } => value.len(),
+        Record::Tombstone => 0,
     }
+}
+
+pub(crate) fn decode_entry(v: &[u8]) -> Result<Entry<'_>, MvccError> {
+    let (kind, rest) = match v {
+        [RECORD_V2, kind, rest @ ..] => (*kind, rest),
+        [version, ..] => {
+            return Err(MvccError::Corrupt(format!(
+                "unknown kv_by_rev record version {version}"
+            )))
+        }
+        [] => return Err(MvccError::Corrupt("empty kv_by_rev record".into())),
+    };
+    if rest.len() < 4 {
+        return Err(MvccError::Corrupt("kv_by_rev record without a key".into()));
+    }
+    let key_len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
+    let Some(key) = rest[4..].get(..key_len).filter(|k| !k.is_empty()) else {
+        return Err(MvccError::Corrupt(format!(
+            "kv_by_rev record with a key of {key_len} bytes in {} bytes",
+            v.len()
+        )));
+    };
+    let after = &rest[4 + key_len..];
+    let tombstone = match kind {
+        KIND_TOMBSTONE if after.is_empty() => true,
+        KIND_PUT if after.len() >= 24 => false,
+        KIND_TOMBSTONE | KIND_PUT => {
+            return Err(MvccError::Corrupt(format!(
+                "kv_by_rev record of kind {kind} has {} bytes after its key",
+                after.len()
+            )))
+        }
+        other => return Err(MvccError::Corrupt(format!("unknown kv record kind {other}"))),
+    };
+    Ok(Entry {
+        key,
+        tombstone,
+        fields: after,
+    })
 }
 
 /// Meta table values are plain little-endian integers; their layout is fixed by the file's
@@ -287,6 +375,43 @@ mod tests {
                 (&b"b"[..], r(1, 0)),
             ]
         );
+    }
+
+    #[test]
+    fn entry_roundtrip_and_rejects() {
+        let put = Record::Put {
+            create_revision: 2,
+            version: 3,
+            lease: 7,
+            value: b"value".to_vec(),
+        };
+        let v = encode_entry(b"key", &put);
+        let e = decode_entry(&v).unwrap();
+        assert_eq!((e.key, e.tombstone, e.lease(), e.record()), (&b"key"[..], false, 7, put));
+        let t = encode_entry(b"k", &Record::Tombstone);
+        let e = decode_entry(&t).unwrap();
+        assert_eq!((e.key, e.tombstone, e.lease(), e.record()), (&b"k"[..], true, 0, Record::Tombstone));
+        assert_eq!(e.key_value(5), None);
+
+        let mut wrong_version = v.clone();
+        wrong_version[0] = 1;
+        let mut long_key = v.clone();
+        long_key[2] = 200;
+        let mut bad_kind = t.clone();
+        bad_kind[1] = 9;
+        let short_put = &v[..v.len() - 5 - 24 + 23];
+        for (bad, want) in [
+            (&wrong_version[..], "unknown kv_by_rev record version 1"),
+            (&long_key[..], "a key of 200 bytes"),
+            (&bad_kind[..], "unknown kv record kind 9"),
+            (short_put, "has 23 bytes after its key"),
+            (&t[..2], "without a key"),
+            (&[][..], "empty"),
+            (&[RECORD_V2, KIND_PUT, 0, 0, 0, 0][..], "a key of 0 bytes"),
+        ] {
+            let err = decode_entry(bad).unwrap_err().to_string();
+            assert!(err.contains(want), "{err} should say {want}");
+        }
     }
 
     #[test]

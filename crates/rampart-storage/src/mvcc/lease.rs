@@ -1,8 +1,8 @@
 //! Leases in the MVCC store: the `leases` table (one record per granted lease, with its granted
 //! TTL) and the index of which live keys are attached to which lease.
 //!
-//! The index is etcd's lessor `itemSet`: derived data, kept in memory, rebuilt from the `kv`
-//! table when the store opens and after a snapshot is restored (etcd recovers it the same way
+//! The index is etcd's lessor `itemSet`: derived data, kept in memory, rebuilt from the
+//! `kv_by_rev` table when the store opens and after a snapshot is restored (etcd recovers it the same way
 //! from its key bucket), and kept current by every write that attaches, moves or deletes a
 //! leased key. Keeping it out of redb leaves the stored format and the snapshot stream as they
 //! were. `Mvcc::apply` holds it write-locked for a whole batch and rebuilds it if the batch
@@ -20,8 +20,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use redb::ReadableTable;
 
-use super::codec::{self, Record};
-use super::read::KvRead;
 use super::{Mvcc, MvccError};
 
 const LEASE_RECORD_V1: u8 = 1;
@@ -81,12 +79,16 @@ pub(crate) struct LeaseIndex {
 }
 
 impl LeaseIndex {
-    /// Builds the index from the `leases` table and the newest version of every key. Numbers
-    /// continue after `seq_after`, so a rebuild shows every lease to the lessor as new.
-    pub fn load<L, K>(leases: &L, kv: &K, seq_after: u64) -> Result<LeaseIndex, MvccError>
+    /// Builds the index from the `leases` table and the lease of every key's newest version
+    /// (`leased`: key and lease, only for keys that have one). Numbers continue after
+    /// `seq_after`, so a rebuild shows every lease to the lessor as new.
+    pub fn load<L>(
+        leases: &L,
+        leased: impl IntoIterator<Item = (Vec<u8>, i64)>,
+        seq_after: u64,
+    ) -> Result<LeaseIndex, MvccError>
     where
         L: ReadableTable<i64, &'static [u8]>,
-        K: KvRead,
     {
         let mut index = LeaseIndex {
             seq: seq_after,
@@ -97,26 +99,7 @@ impl LeaseIndex {
             let id = id.value();
             index.grant(id, decode_lease(id, v.value())?);
         }
-        // `kv` orders by user key, then revision: the last entry of each key is its newest.
-        let mut newest: Option<(Vec<u8>, i64)> = None;
-        for entry in kv.iter()? {
-            let (k, v) = entry?;
-            let (key, _) = codec::split_kv_key(k.value())?;
-            let lease = match Record::decode(v.value())? {
-                Record::Put { lease, .. } => lease,
-                Record::Tombstone => 0,
-            };
-            match &mut newest {
-                Some((prev, l)) if prev.as_slice() == key => *l = lease,
-                _ => {
-                    if let Some((prev, l)) = newest.take() {
-                        index.load_key(&prev, l)?;
-                    }
-                    newest = Some((key.to_vec(), lease));
-                }
-            }
-        }
-        if let Some((key, lease)) = newest {
+        for (key, lease) in leased {
             index.load_key(&key, lease)?;
         }
         Ok(index)

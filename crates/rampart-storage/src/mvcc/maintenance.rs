@@ -20,7 +20,7 @@ use redb::{
 
 use super::codec;
 use super::{
-    read_meta_revs, snapshot, Fail, Mvcc, MvccError, KV, LEASES, META, META_RAFT_META, REVS,
+    read_meta_revs, snapshot, Fail, Mvcc, MvccError, KV_BY_REV, LEASES, META, META_RAFT_META,
 };
 
 /// The redb handle, shared by every transaction and taken exclusively only to defragment, and
@@ -148,8 +148,8 @@ impl Db {
 /// etcd's HashKV answer: a hash of the key space up to `hash_revision`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvHash {
-    /// crc32c over every stored version (key, revision, value) with a revision at most
-    /// `hash_revision`, in key order, then revision order.
+    /// crc32c over every stored version (big-endian revision, then the `kv_by_rev` value with
+    /// its key) with a revision at most `hash_revision`, in revision order.
     pub hash: u32,
     /// The store's newest revision when the hash was taken.
     pub current_revision: i64,
@@ -200,8 +200,7 @@ impl Mvcc {
         let (current, _) = read_meta_revs(&meta)?;
         let mut h = 0u32;
         hash_table(&mut h, "meta", &meta, |k| k == META_RAFT_META.as_bytes())?;
-        hash_table(&mut h, "kv", &txn.open_table(KV)?, |_| false)?;
-        hash_table(&mut h, "revs", &txn.open_table(REVS)?, |_| false)?;
+        hash_table(&mut h, "kv_by_rev", &txn.open_table(KV_BY_REV)?, |_| false)?;
         hash_table(&mut h, "leases", &txn.open_table(LEASES)?, |_| false)?;
         Ok((h, current))
     }
@@ -223,15 +222,17 @@ impl Mvcc {
             }
             // As etcd: 0 is the newest; a negative revision hashes nothing.
             let upto = if revision == 0 { current } else { revision };
-            let kv = txn.open_table(KV)?;
-            let mut h = crc32c::crc32c(b"kv");
-            for entry in kv.iter()? {
+            let kv = txn.open_table(KV_BY_REV)?;
+            let mut h = crc32c::crc32c(b"kv_by_rev");
+            let upto_key = codec::Rev {
+                main: upto.max(0),
+                sub: i64::MAX,
+            }
+            .to_u128();
+            for entry in kv.range(..=upto_key)? {
                 let (k, v) = entry?;
-                let (_, rev) = codec::split_kv_key(k.value())?;
-                if rev.main <= upto {
-                    h = crc32c::crc32c_append(h, k.value());
-                    h = crc32c::crc32c_append(h, v.value());
-                }
+                h = crc32c::crc32c_append(h, &k.value().to_be_bytes());
+                h = crc32c::crc32c_append(h, v.value());
             }
             Ok(KvHash {
                 hash: h,

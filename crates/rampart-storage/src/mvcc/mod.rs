@@ -11,23 +11,29 @@
 //! read ([`Mvcc::range`], [`Mvcc::read_txn`], [`Mvcc::events_since`], hashes, snapshots) first
 //! commits what is parked, so a read always sees every batch applied before it began.
 //!
-//! # Storage layout (format version 1)
+//! # Storage layout (format version 2)
 //!
-//! | table    | key                                      | value                               |
-//! |----------|------------------------------------------|-------------------------------------|
-//! | `kv`     | user key ++ be64(main rev) ++ be64(sub)  | `[1, 0]` ++ be64 create, version, lease ++ value; or `[1, 1]`: tombstone |
-//! | `revs`   | u128 `main << 64 \| sub`                 | `[1]` ++ user key                   |
-//! | `meta`   | `format_version`, `current_rev`, `compact_rev`, `raft_meta` | LE u32 / LE i64 / LE i64 / raw bytes |
-//! | `leases` | i64 lease id                             | `[1]` ++ be64 granted TTL ++ be64 remaining TTL (see `lease`) |
+//! | table       | key                        | value                               |
+//! |-------------|----------------------------|-------------------------------------|
+//! | `kv_by_rev` | u128 `main << 64 \| sub`   | `[2, 0]` ++ le32 key length ++ key ++ be64 create, version, lease ++ value; or `[2, 1]` ++ le32 key length ++ key: tombstone |
+//! | `meta`      | `format_version`, `current_rev`, `compact_rev`, `raft_meta` | LE u32 / LE i64 / LE i64 / raw bytes |
+//! | `leases`    | i64 lease id               | `[1]` ++ be64 granted TTL ++ be64 remaining TTL (see `lease`) |
 //!
-//! `kv` keys order by user key, then revision (see `codec::KvKey`), so the version of a key
-//! as of revision R is one seek backwards from `(key, R, MAX)`. `revs` orders every change by
-//! revision, for the change feed and for compaction. The first byte of every `kv` and `revs`
-//! value is its record format.
+//! Every version of every key is one row of `kv_by_rev`, in revision order, as etcd keeps its
+//! `key` bucket: a write appends at the end of the B-tree, so a batch dirties a few pages however
+//! scattered its keys are, and the change feed and compaction read it in order. Which revisions
+//! a key has is the key index, kept in memory (see `index`, etcd's `treeIndex`); which keys are
+//! attached to which lease likewise (see `lease`). Both are rebuilt from `kv_by_rev` on open.
+//! The first byte of every stored value is its record format.
 //!
-//! Which keys are attached to which lease is derived data, kept in memory (see `lease`).
+//! Format 1 kept versions in a `kv` table keyed by user key and revision, plus a `revs` table of
+//! revision to key: every write inserted into a random leaf of `kv`, and every commit copied
+//! those leaves (finding 15 in docs/performance.md). A format 1 file is migrated to format 2 in
+//! one write transaction when it opens (`migrate_v1`); format 1 snapshots are converted as they
+//! are restored.
 
 mod codec;
+mod index;
 mod lease;
 mod maintenance;
 mod read;
@@ -40,7 +46,7 @@ mod tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use rampart_core::EtcdError;
@@ -54,6 +60,8 @@ use rampart_proto::rampartpb::Command;
 use redb::{ReadableTable, TableDefinition};
 
 use codec::{KvKey, Record, Rev};
+use index::{KeyIndex, Version};
+use read::View;
 
 pub use lease::Lease;
 pub use maintenance::{Defragmented, KvHash};
@@ -85,11 +93,13 @@ impl std::fmt::Debug for SnapshotView {
 
 /// Version of the layout described in the module docs, stored in the `meta` table and checked
 /// on open.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-const KV: TableDefinition<KvKey, &[u8]> = TableDefinition::new("kv");
-const REVS: TableDefinition<u128, &[u8]> = TableDefinition::new("revs");
+const KV_BY_REV: TableDefinition<u128, &[u8]> = TableDefinition::new("kv_by_rev");
+/// Format 1 tables, read only to migrate them.
+const KV_V1: TableDefinition<KvKey, &[u8]> = TableDefinition::new("kv");
+const REVS_V1: TableDefinition<u128, &[u8]> = TableDefinition::new("revs");
 const LEASES: TableDefinition<i64, &[u8]> = TableDefinition::new("leases");
 
 const META_FORMAT_VERSION: &str = "format_version";
@@ -210,6 +220,8 @@ pub struct Mvcc {
     writing: Mutex<()>,
     /// Leases and their attached keys, matching the last applied batch (see `lease`).
     leases: RwLock<lease::LeaseIndex>,
+    /// Every key's versions (see `index`). Lock order: `writing`, `leases`, then this.
+    index: RwLock<KeyIndex>,
 }
 
 fn read_meta_revs(
@@ -239,7 +251,7 @@ impl Mvcc {
             .create(path)?;
         let txn = db.begin_write()?;
         let fresh = txn.list_tables()?.next().is_none();
-        let (current, compact) = {
+        {
             let mut meta = txn.open_table(META)?;
             let version = meta
                 .get(META_FORMAT_VERSION)?
@@ -247,6 +259,10 @@ impl Mvcc {
                 .transpose()?;
             match version {
                 Some(FORMAT_VERSION) => {}
+                Some(1) => {
+                    tracing::info!(path = %path.display(), "migrating the mvcc store from format 1 to 2");
+                    migrate_v1(&txn, &mut meta)?;
+                }
                 Some(found) => {
                     return Err(MvccError::UnsupportedFormat {
                         found,
@@ -265,32 +281,42 @@ impl Mvcc {
                     )))
                 }
             }
-            txn.open_table(KV)?;
-            txn.open_table(REVS)?;
+            txn.open_table(KV_BY_REV)?;
             txn.open_table(LEASES)?;
-            read_meta_revs(&meta)?
-        };
+            read_meta_revs(&meta)?;
+        }
         txn.commit()?;
-        let mvcc = Mvcc {
-            db: maintenance::Db::new(db),
+        let db = maintenance::Db::new(db);
+        let (current, compact, index, leases) = {
+            let txn = db.begin_read()?;
+            let (current, compact) = read_meta_revs(&txn.open_table(META)?)?;
+            let (index, leases) = load_indexes(&txn, 0)?;
+            (current, compact, index, leases)
+        };
+        Ok(Mvcc {
+            db,
             path: path.to_path_buf(),
             current_rev: AtomicI64::new(current),
             compact_rev: AtomicI64::new(compact),
             writing: Mutex::new(()),
-            leases: RwLock::new(lease::LeaseIndex::default()),
-        };
-        {
-            let mut leases = mvcc.leases.write().unwrap_or_else(|e| e.into_inner());
-            mvcc.reload_leases(&mut leases)?;
-        }
-        Ok(mvcc)
+            leases: RwLock::new(leases),
+            index: RwLock::new(index),
+        })
     }
 
-    /// Rebuilds the lease index from committed data, after a restore or a failed batch.
-    fn reload_leases(&self, index: &mut lease::LeaseIndex) -> Result<(), MvccError> {
+    /// Rebuilds the key and lease indexes from committed data, after a restore or a failed batch.
+    fn reload_indexes(
+        &self,
+        leases: &mut lease::LeaseIndex,
+        index: &mut KeyIndex,
+    ) -> Result<(), MvccError> {
         let txn = self.db.begin_read()?;
-        *index = lease::LeaseIndex::load(&txn.open_table(LEASES)?, &txn.open_table(KV)?, index.seq())?;
+        (*index, *leases) = load_indexes(&txn, leases.seq())?;
         Ok(())
+    }
+
+    fn index_mut(&self) -> std::sync::RwLockWriteGuard<'_, KeyIndex> {
+        self.index.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// etcd's Range on the committed state. Whether the read is linearizable is decided above.
@@ -300,7 +326,12 @@ impl Mvcc {
         let txn = self.db.begin_read().map_err(storage_failed)?;
         let run = || -> Result<RangeResponse, Fail> {
             let (current, compact) = read_meta_revs(&txn.open_table(META)?)?;
-            read::range_request(&txn.open_table(KV)?, req, current, compact)
+            let kv = txn.open_table(KV_BY_REV)?;
+            let view = View {
+                kv: &kv,
+                index: &self.index,
+            };
+            read::range_request(&view, req, current, compact)
         };
         run().map_err(Fail::into_etcd)
     }
@@ -312,7 +343,12 @@ impl Mvcc {
         let txn = self.db.begin_read().map_err(storage_failed)?;
         let run = || -> Result<TxnResponse, Fail> {
             let (current, compact) = read_meta_revs(&txn.open_table(META)?)?;
-            write::read_only_txn(&txn.open_table(KV)?, req, current, compact)
+            let kv = txn.open_table(KV_BY_REV)?;
+            let view = View {
+                kv: &kv,
+                index: &self.index,
+            };
+            write::read_only_txn(&view, req, current, compact)
         };
         run().map_err(Fail::into_etcd)
     }
@@ -337,11 +373,12 @@ impl Mvcc {
         // Write-locked for the whole batch: the writer updates the index as it goes, and lease
         // readers wait for the commit rather than see uncommitted attachments.
         let mut leases = self.leases.write().unwrap_or_else(|e| e.into_inner());
-        let result = self.apply_batch(batch, raft_meta, durable, &mut leases);
+        let mut index = self.index_mut();
+        let result = self.apply_batch(batch, raft_meta, durable, &mut leases, &mut index);
         if result.is_err() {
-            // Nothing of the batch was committed, but the index may hold some of it.
-            if let Err(e) = self.reload_leases(&mut leases) {
-                tracing::error!(error = %e, "rebuilding the lease index after a failed batch");
+            // Nothing of the batch was committed, but the indexes may hold some of it.
+            if let Err(e) = self.reload_indexes(&mut leases, &mut index) {
+                tracing::error!(error = %e, "rebuilding the indexes after a failed batch");
             }
         }
         result
@@ -353,6 +390,7 @@ impl Mvcc {
         raft_meta: &[u8],
         durable: bool,
         leases: &mut lease::LeaseIndex,
+        index: &mut KeyIndex,
     ) -> Result<Vec<Result<Applied, EtcdError>>, MvccError> {
         // Held until the batch is committed or parked: a reader that needs the parked writes
         // waits here instead of reading without them.
@@ -368,7 +406,7 @@ impl Mvcc {
             Some(p) => (p.txn, p.since),
             None => (self.db.shared().begin_write()?, Instant::now()),
         };
-        let written = Self::write_batch(&txn, batch, raft_meta, leases);
+        let written = Self::write_batch(&txn, batch, raft_meta, leases, index);
         let (results, current, compact) = match written {
             Ok(w) => w,
             Err(e) => {
@@ -396,17 +434,18 @@ impl Mvcc {
         batch: &[Option<&Command>],
         raft_meta: &[u8],
         leases: &mut lease::LeaseIndex,
+        index: &mut KeyIndex,
     ) -> Result<(Vec<Result<Applied, EtcdError>>, i64, i64), MvccError> {
         let mut meta = txn.open_table(META)?;
         let (rev, compact_rev) = read_meta_revs(&meta)?;
         let tables = write::Tables {
-            kv: txn.open_table(KV)?,
-            revs: txn.open_table(REVS)?,
+            kv: txn.open_table(KV_BY_REV)?,
             leases: txn.open_table(LEASES)?,
         };
         let mut writer = write::Writer {
             tables,
             leases,
+            index,
             rev,
             compact_rev,
         };
@@ -470,10 +509,11 @@ impl Mvcc {
     pub fn restore_snapshot(&self, r: &mut dyn std::io::Read) -> Result<(), MvccError> {
         let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         let mut leases = self.leases.write().unwrap_or_else(|e| e.into_inner());
+        let mut index = self.index_mut();
         // The snapshot replaces everything; nothing may stay parked across it.
         self.db.commit_parked()?;
         snapshot::restore(&self.db.shared(), r)?;
-        self.reload_leases(&mut leases)?;
+        self.reload_indexes(&mut leases, &mut index)?;
         let txn = self.db.begin_read()?;
         let (current, compact) = read_meta_revs(&txn.open_table(META)?)?;
         self.current_rev.store(current, Ordering::Release);
@@ -500,8 +540,11 @@ impl Mvcc {
             if after_rev.saturating_add(1) < compact {
                 return Err(EtcdError::Compacted.into());
             }
-            let kv = txn.open_table(KV)?;
-            let revs = txn.open_table(REVS)?;
+            let kv = txn.open_table(KV_BY_REV)?;
+            let view = View {
+                kv: &kv,
+                index: &self.index,
+            };
             let start = Rev {
                 main: after_rev.saturating_add(1),
                 sub: 0,
@@ -511,7 +554,7 @@ impl Mvcc {
             let mut events = Vec::new();
             let mut pending: Vec<Event> = Vec::new();
             let mut pending_main = None;
-            for entry in revs.range(start..)? {
+            for entry in kv.range(start..)? {
                 let (k, v) = entry?;
                 let rev = Rev::from_u128(k.value());
                 if pending_main != Some(rev.main) {
@@ -524,7 +567,7 @@ impl Mvcc {
                     }
                     pending_main = Some(rev.main);
                 }
-                pending.push(event_at(&kv, codec::decode_rev_value(v.value())?, rev)?);
+                pending.push(event_at(&view, &codec::decode_entry(v.value())?, rev)?);
             }
             if events.is_empty() || events.len() + pending.len() <= limit {
                 events.append(&mut pending);
@@ -535,24 +578,24 @@ impl Mvcc {
     }
 }
 
-/// The watch event of the change stored at `rev` of `key`.
-fn event_at(kv: &impl read::KvRead, key: &[u8], rev: Rev) -> Result<Event, MvccError> {
-    let stored = kv.get(codec::kv_key(key, rev).as_slice())?.ok_or_else(|| {
-        MvccError::Corrupt(format!("revision {}/{} has no kv entry", rev.main, rev.sub))
-    })?;
-    let prev = || read::get_at(kv, key, rev.main - 1);
-    Ok(match Record::decode(stored.value())? {
-        Record::Tombstone => Event {
+/// The watch event of `entry`, stored at `rev`.
+fn event_at<T: read::KvRead, I: read::IndexRead>(
+    view: &View<'_, T, I>,
+    entry: &codec::Entry<'_>,
+    rev: Rev,
+) -> Result<Event, MvccError> {
+    let prev = || view.get_at(entry.key, rev.main - 1);
+    Ok(match entry.key_value(rev.main) {
+        None => Event {
             r#type: EventType::Delete as i32,
             kv: Some(KeyValue {
-                key: key.to_vec(),
+                key: entry.key.to_vec(),
                 mod_revision: rev.main,
                 ..Default::default()
             }),
             prev_kv: prev()?,
         },
-        put => {
-            let kv = put.into_key_value(key, rev.main).expect("a put");
+        Some(kv) => {
             let prev_kv = if kv.version == 1 { None } else { prev()? };
             Event {
                 r#type: EventType::Put as i32,
@@ -561,4 +604,60 @@ fn event_at(kv: &impl read::KvRead, key: &[u8], rev: Rev) -> Result<Event, MvccE
             }
         }
     })
+}
+
+/// Builds the key index and the lease index from one read view of the store. Lease numbers
+/// continue after `lease_seq_after` (see `lease::LeaseIndex::load`).
+fn load_indexes(
+    txn: &redb::ReadTransaction,
+    lease_seq_after: u64,
+) -> Result<(KeyIndex, lease::LeaseIndex), MvccError> {
+    let (_, compact) = read_meta_revs(&txn.open_table(META)?)?;
+    let mut index = KeyIndex::new(compact);
+    // The newest lease of every key that has one; revision order means later rows win.
+    let mut leased: std::collections::BTreeMap<Vec<u8>, i64> = Default::default();
+    for entry in txn.open_table(KV_BY_REV)?.iter()? {
+        let (k, v) = entry?;
+        let rev = Rev::from_u128(k.value());
+        let e = codec::decode_entry(v.value())?;
+        index.push(
+            e.key,
+            Version {
+                rev,
+                tombstone: e.tombstone,
+            },
+        );
+        match e.lease() {
+            0 => {
+                leased.remove(e.key);
+            }
+            lease => {
+                leased.insert(e.key.to_vec(), lease);
+            }
+        }
+    }
+    let leases = lease::LeaseIndex::load(&txn.open_table(LEASES)?, leased, lease_seq_after)?;
+    Ok((index, leases))
+}
+
+/// Rewrites a format 1 store as format 2 inside `txn`: every `kv` row becomes a `kv_by_rev` row,
+/// and the `kv` and `revs` tables go. The caller commits (or drops) the transaction.
+fn migrate_v1(
+    txn: &redb::WriteTransaction,
+    meta: &mut redb::Table<'_, &'static str, &'static [u8]>,
+) -> Result<(), MvccError> {
+    {
+        let old = txn.open_table(KV_V1)?;
+        let mut new = txn.open_table(KV_BY_REV)?;
+        for entry in old.iter()? {
+            let (k, v) = entry?;
+            let (key, rev) = codec::split_kv_key(k.value())?;
+            let record = Record::decode(v.value())?;
+            new.insert(rev.to_u128(), codec::encode_entry(key, &record).as_slice())?;
+        }
+    }
+    txn.delete_table(KV_V1)?;
+    txn.delete_table(REVS_V1)?;
+    meta.insert(META_FORMAT_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())?;
+    Ok(())
 }

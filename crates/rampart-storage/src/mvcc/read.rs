@@ -1,31 +1,52 @@
-//! Reading the multi-version `kv` table: one key or a key range as of a revision, and etcd's
-//! Range request on top (limit, count, sort, filters), as `etcdserver/apply.go` does it.
+//! Reading the multi-version store: one key or a key range as of a revision, and etcd's Range
+//! request on top (limit, count, sort, filters), as `etcdserver/apply.go` does it. The key index
+//! finds the versions, the `kv_by_rev` table holds them.
 //!
 //! Everything here is generic over [`redb::ReadableTable`] so that the same code serves reads
 //! from a read transaction and reads inside a write transaction (a txn sees its own writes).
 
 use std::cmp::Ordering;
-use std::ops::Bound;
+use std::sync::{PoisonError, RwLock};
 
 use rampart_core::EtcdError;
 use rampart_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use rampart_proto::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
 use rampart_proto::mvccpb::KeyValue;
-use redb::{AccessGuard, ReadableTable};
+use redb::ReadableTable;
 
-use super::codec::{self, KvKey, Record, Rev};
+use super::codec::{self, Rev};
+use super::index::{KeyIndex, Live, Version};
 use super::{Fail, MvccError};
 
-/// Any view of the `kv` table.
-pub(crate) trait KvRead: ReadableTable<KvKey, &'static [u8]> {}
-impl<T: ReadableTable<KvKey, &'static [u8]>> KvRead for T {}
+/// Any view of the `kv_by_rev` table.
+pub(crate) trait KvRead: ReadableTable<u128, &'static [u8]> {}
+impl<T: ReadableTable<u128, &'static [u8]>> KvRead for T {}
+
+/// The key index, held (the writer has it for its whole batch) or to be locked for each lookup.
+pub(crate) trait IndexRead {
+    fn with<R>(&self, f: impl FnOnce(&KeyIndex) -> R) -> R;
+}
+
+impl IndexRead for KeyIndex {
+    fn with<R>(&self, f: impl FnOnce(&KeyIndex) -> R) -> R {
+        f(self)
+    }
+}
+
+impl IndexRead for RwLock<KeyIndex> {
+    fn with<R>(&self, f: impl FnOnce(&KeyIndex) -> R) -> R {
+        f(&self.read().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// What reads need: one transaction's `kv_by_rev` table, and the key index to find versions in it.
+pub(crate) struct View<'a, T, I> {
+    pub kv: &'a T,
+    pub index: &'a I,
+}
 
 /// "As of the newest revision": also sees the writes of the txn being applied.
 pub(crate) const LATEST: i64 = i64::MAX;
-
-/// After this many visible versions of one key, a scan stops stepping through them one by one
-/// and seeks to the newest instead, so a key rewritten a million times costs two seeks.
-const SEQUENTIAL_VERSIONS: usize = 8;
 
 /// Which keys a request names, from its `key` and `range_end` (etcd's `mkGteRange` rules).
 #[derive(Debug, Clone, Copy)]
@@ -48,42 +69,6 @@ impl<'a> Span<'a> {
     }
 }
 
-/// A stored `kv` value, still in the table's page.
-type Stored<'t> = AccessGuard<'t, &'static [u8]>;
-
-/// The newest version of `key` with main revision <= `at`, tombstones included.
-pub(crate) fn newest<'t, T: KvRead>(
-    kv: &'t T,
-    key: &[u8],
-    at: i64,
-) -> Result<Option<(Rev, Stored<'t>)>, MvccError> {
-    let lo = codec::kv_key_first(key);
-    let hi = codec::kv_key_raw(key, at.max(0) as u64, u64::MAX);
-    match kv
-        .range::<&[u8]>(lo.as_slice()..=hi.as_slice())?
-        .next_back()
-    {
-        None => Ok(None),
-        Some(entry) => {
-            let (k, v) = entry?;
-            let (_, rev) = codec::split_kv_key(k.value())?;
-            Ok(Some((rev, v)))
-        }
-    }
-}
-
-/// `key` as of main revision `at`; None if it did not exist then.
-pub(crate) fn get_at<T: KvRead>(
-    kv: &T,
-    key: &[u8],
-    at: i64,
-) -> Result<Option<KeyValue>, MvccError> {
-    match newest(kv, key, at)? {
-        None => Ok(None),
-        Some((rev, v)) => Ok(Record::decode(v.value())?.into_key_value(key, rev.main)),
-    }
-}
-
 /// Live keys of a span at one revision: how many there are, and the first few in key order.
 #[derive(Debug, Default)]
 pub(crate) struct Scan {
@@ -91,104 +76,70 @@ pub(crate) struct Scan {
     pub count: i64,
 }
 
-struct Collector {
-    scan: Scan,
-    /// How many key-values to decode and keep; `usize::MAX` for all.
-    keep: usize,
-}
-
-impl Collector {
-    fn add(&mut self, key: &[u8], rev: Rev, raw: &[u8]) -> Result<(), MvccError> {
-        if codec::is_tombstone(raw)? {
-            return Ok(());
-        }
-        self.scan.count += 1;
-        if self.scan.kvs.len() < self.keep {
-            let kv = Record::decode(raw)?
-                .into_key_value(key, rev.main)
-                .expect("not a tombstone");
-            self.scan.kvs.push(kv);
-        }
-        Ok(())
+impl<T: KvRead, I: IndexRead> View<'_, T, I> {
+    /// The newest version of `key` with main revision <= `at`, tombstones included.
+    pub fn newest(&self, key: &[u8], at: i64) -> Option<Version> {
+        self.index.with(|ix| ix.newest(key, at))
     }
-}
 
-/// Counts the live keys of `span` as of main revision `at` and returns the first `keep` of them
-/// (in key order) in full.
-pub(crate) fn range_at<T: KvRead>(
-    kv: &T,
-    span: Span,
-    at: i64,
-    keep: usize,
-) -> Result<Scan, MvccError> {
-    let mut out = Collector {
-        scan: Scan::default(),
-        keep,
-    };
-    let (start, end) = match span {
-        Span::Single(key) => {
-            if let Some((rev, v)) = newest(kv, key, at)? {
-                out.add(key, rev, v.value())?;
-            }
-            return Ok(out.scan);
+    /// The compaction revision the index has applied; reads below it may miss versions.
+    pub fn compacted(&self) -> i64 {
+        self.index.with(KeyIndex::compacted)
+    }
+
+    /// The stored version of `key` at `rev`, which the index says exists.
+    pub fn stored(&self, key: &[u8], rev: Rev) -> Result<KeyValue, MvccError> {
+        let raw = self.kv.get(rev.to_u128())?.ok_or_else(|| {
+            MvccError::Corrupt(format!(
+                "revision {}/{} of key {:?} is indexed but not stored",
+                rev.main,
+                rev.sub,
+                String::from_utf8_lossy(key)
+            ))
+        })?;
+        let entry = codec::decode_entry(raw.value())?;
+        if entry.key != key {
+            return Err(MvccError::Corrupt(format!(
+                "revision {}/{} holds key {:?}, the index says {:?}",
+                rev.main,
+                rev.sub,
+                String::from_utf8_lossy(entry.key),
+                String::from_utf8_lossy(key)
+            )));
         }
-        Span::From(key) => (key, Bound::Unbounded),
-        Span::Until(key, end) if end <= key => return Ok(out.scan),
-        Span::Until(key, end) => (key, Bound::Excluded(codec::kv_key_first(end))),
-    };
-    let end = end.as_ref().map(Vec::as_slice);
+        entry.key_value(rev.main).ok_or_else(|| {
+            MvccError::Corrupt(format!(
+                "revision {}/{} is indexed as a put but stored as a tombstone",
+                rev.main, rev.sub
+            ))
+        })
+    }
 
-    // Walk the versions in key order. For each user key the last version with main <= `at`
-    // decides whether it exists; later versions are skipped with a seek.
-    let mut lower = Bound::Included(codec::kv_key_first(start));
-    'seek: loop {
-        let mut iter = kv.range::<&[u8]>((lower.as_ref().map(Vec::as_slice), end))?;
-        let mut current: Option<(Vec<u8>, Rev, Stored<'_>)> = None;
-        let mut versions = 0;
-        loop {
-            let Some(entry) = iter.next() else {
-                if let Some((key, rev, v)) = current.take() {
-                    out.add(&key, rev, v.value())?;
-                }
-                break 'seek;
-            };
-            let (k, v) = entry?;
-            let (key, rev) = codec::split_kv_key(k.value())?;
-            if current
-                .as_ref()
-                .is_some_and(|(cur, _, _)| cur.as_slice() != key)
-            {
-                let (cur, cur_rev, cur_v) = current.take().expect("checked");
-                out.add(&cur, cur_rev, cur_v.value())?;
-                versions = 0;
-            }
-            if rev.main > at {
-                // Everything after this version of `key` is newer still.
-                if let Some((cur, cur_rev, cur_v)) = current.take() {
-                    out.add(&cur, cur_rev, cur_v.value())?;
-                }
-                lower = Bound::Excluded(codec::kv_key_last(key));
-                continue 'seek;
-            }
-            versions += 1;
-            if versions > SEQUENTIAL_VERSIONS {
-                if let Some((rev, v)) = newest(kv, key, at)? {
-                    out.add(key, rev, v.value())?;
-                }
-                lower = Bound::Excluded(codec::kv_key_last(key));
-                continue 'seek;
-            }
-            current = Some((key.to_vec(), rev, v));
+    /// `key` as of main revision `at`; None if it did not exist then.
+    pub fn get_at(&self, key: &[u8], at: i64) -> Result<Option<KeyValue>, MvccError> {
+        match self.newest(key, at) {
+            Some(v) if !v.tombstone => Ok(Some(self.stored(key, v.rev)?)),
+            _ => Ok(None),
         }
     }
-    Ok(out.scan)
+
+    /// Counts the live keys of `span` as of main revision `at` and returns the first `keep` of
+    /// them (in key order) in full.
+    pub fn range_at(&self, span: Span, at: i64, keep: usize) -> Result<Scan, MvccError> {
+        let Live { first, count } = self.index.with(|ix| ix.live(span, at, keep));
+        let kvs = first
+            .iter()
+            .map(|(key, rev)| self.stored(key, *rev))
+            .collect::<Result<_, _>>()?;
+        Ok(Scan { kvs, count })
+    }
 }
 
 /// etcd's Range at a read view whose newest revision is `cur_rev` (`apply.go` `Range` plus
 /// `kvstore_txn.go` `rangeKeys`). `compact_rev` is -1 if the store was never compacted. The
 /// request must have been validated ([`super::validate::range`]).
-pub(crate) fn range_request<T: KvRead>(
-    kv: &T,
+pub(crate) fn range_request<T: KvRead, I: IndexRead>(
+    view: &View<'_, T, I>,
     req: &RangeRequest,
     cur_rev: i64,
     compact_rev: i64,
@@ -223,7 +174,11 @@ pub(crate) fn range_request<T: KvRead>(
     }
 
     let keep = if req.count_only { 0 } else { keep };
-    let Scan { mut kvs, count } = range_at(kv, Span::new(&req.key, &req.range_end), rev, keep)?;
+    let Scan { mut kvs, count } = view.range_at(Span::new(&req.key, &req.range_end), rev, keep)?;
+    // A compaction applied while this read ran may have taken versions it needed.
+    if rev < view.compacted() {
+        return Err(EtcdError::Compacted.into());
+    }
 
     // Filters drop key-values but leave `count` as it was, as etcd does.
     kvs.retain(|kv| {

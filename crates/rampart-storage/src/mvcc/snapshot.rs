@@ -13,13 +13,17 @@
 //! A chunk's crc is crc32c over its payload, seeded with the previous chunk's crc (the header's
 //! for the first chunk), so every chunk is checked before its records are used and a dropped or
 //! reordered chunk breaks the chain. Keys and values are the tables' stored bytes as they are.
+//!
+//! Which tables a snapshot holds follows the data format in its `meta` records, which come
+//! first: format 2 writes `meta`, `kv_by_rev` and `leases`; format 1 wrote `meta`, `kv`, `revs`
+//! and `leases`, and such a snapshot is converted to format 2 as it is restored.
 
 use std::io::{self, Read, Write};
 
-use redb::{Database, ReadTransaction, ReadableTable, Table, TableDefinition, Value};
+use redb::{Database, ReadTransaction, ReadableTable, Table, TableDefinition};
 
-use super::codec::{self, KvKey};
-use super::{MvccError, FORMAT_VERSION, KV, LEASES, META, META_FORMAT_VERSION, REVS};
+use super::codec::{self, Record};
+use super::{MvccError, FORMAT_VERSION, KV_BY_REV, LEASES, META, META_FORMAT_VERSION};
 
 const MAGIC: &[u8; 8] = b"RAMPMVCC";
 /// Version of the snapshot stream layout (not of the redb file, which is [`FORMAT_VERSION`]).
@@ -31,9 +35,13 @@ const CHUNK_TARGET_BYTES: usize = 1 << 20;
 const MAX_CHUNK_BYTES: u32 = 256 << 20;
 
 const TABLE_META: u8 = 1;
-const TABLE_KV: u8 = 2;
-const TABLE_REVS: u8 = 3;
+/// Format 1's `kv` table (user key ++ revision to format 1 record).
+const TABLE_KV_V1: u8 = 2;
+/// Format 1's `revs` table: derived from `kv`, skipped on restore.
+const TABLE_REVS_V1: u8 = 3;
 const TABLE_LEASES: u8 = 4;
+/// Key: the revision as 16 little-endian bytes (redb's u128 encoding); value as stored.
+const TABLE_KV_BY_REV: u8 = 5;
 const END: u8 = 0xFF;
 
 fn invalid(msg: impl Into<String>) -> MvccError {
@@ -119,8 +127,7 @@ pub(super) fn write(txn: &ReadTransaction, w: &mut dyn Write) -> Result<(), Mvcc
         records: 0,
     };
     table_records(&mut out, TABLE_META, &txn.open_table(META)?)?;
-    table_records(&mut out, TABLE_KV, &txn.open_table(KV)?)?;
-    table_records(&mut out, TABLE_REVS, &txn.open_table(REVS)?)?;
+    table_records(&mut out, TABLE_KV_BY_REV, &txn.open_table(KV_BY_REV)?)?;
     table_records(&mut out, TABLE_LEASES, &txn.open_table(LEASES)?)?;
     out.finish()
 }
@@ -250,15 +257,17 @@ fn clear<'t, K: redb::Key + 'static>(
 }
 
 /// Replaces every table of `db` with the snapshot read from `r`, in one write transaction that
-/// only commits once the whole stream has checked out; on any error nothing has changed.
+/// only commits once the whole stream has checked out; on any error nothing has changed. A
+/// format 1 snapshot is converted to format 2 on the way in.
 pub(super) fn restore(db: &Database, r: &mut dyn Read) -> Result<(), MvccError> {
     let mut input = ChunkReader::open(r)?;
     let txn = db.begin_write()?;
     {
         let mut meta = clear(&txn, META)?;
-        let mut kv = clear(&txn, KV)?;
-        let mut revs = clear(&txn, REVS)?;
+        let mut kv = clear(&txn, KV_BY_REV)?;
         let mut leases = clear(&txn, LEASES)?;
+        // The data format the stream's meta records announced (they come before the data).
+        let mut format = None;
         let mut count = 0u64;
         loop {
             match input.next()? {
@@ -269,37 +278,54 @@ pub(super) fn restore(db: &Database, r: &mut dyn Read) -> Result<(), MvccError> 
                     )))
                 }
                 Item::Entry { table, key, value } => {
-                    match table {
-                        TABLE_META => {
+                    match (table, format) {
+                        (TABLE_META, _) => {
                             let name = std::str::from_utf8(key)
                                 .map_err(|_| invalid("meta key is not UTF-8"))?;
+                            if name == META_FORMAT_VERSION {
+                                format = Some(codec::decode_u32(name, value)?);
+                            }
                             meta.insert(name, value)?;
                         }
-                        TABLE_KV => {
-                            codec::split_kv_key(key)?;
-                            kv.insert(<KvKey as Value>::from_bytes(key), value)?;
+                        (TABLE_KV_BY_REV, Some(2)) => {
+                            let rev = u128::from_le_bytes(fixed(key, "kv_by_rev")?);
+                            codec::decode_entry(value)?;
+                            kv.insert(rev, value)?;
                         }
-                        TABLE_REVS => {
-                            let rev = u128::from_le_bytes(fixed(key, "revs")?);
-                            revs.insert(rev, value)?;
+                        (TABLE_KV_V1, Some(1)) => {
+                            let (user_key, rev) = codec::split_kv_key(key)?;
+                            let record = Record::decode(value)?;
+                            kv.insert(
+                                rev.to_u128(),
+                                codec::encode_entry(user_key, &record).as_slice(),
+                            )?;
                         }
-                        TABLE_LEASES => {
+                        (TABLE_REVS_V1, Some(1)) => {
+                            fixed::<16>(key, "revs")?;
+                        }
+                        (TABLE_LEASES, _) => {
                             leases.insert(i64::from_le_bytes(fixed(key, "leases")?), value)?;
                         }
-                        other => return Err(invalid(format!("unknown table id {other}"))),
+                        (other, format) => {
+                            return Err(invalid(format!(
+                                "table id {other} is not part of data format {format:?}"
+                            )))
+                        }
                     }
                     count += 1;
                 }
             }
         }
-        let version = meta
-            .get(META_FORMAT_VERSION)?
-            .map(|v| codec::decode_u32(META_FORMAT_VERSION, v.value()))
-            .transpose()?;
-        if version != Some(FORMAT_VERSION) {
-            return Err(invalid(format!(
-                "snapshot holds data format {version:?}, this build reads {FORMAT_VERSION}"
-            )));
+        match format {
+            Some(FORMAT_VERSION) => {}
+            Some(1) => {
+                meta.insert(META_FORMAT_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())?;
+            }
+            other => {
+                return Err(invalid(format!(
+                    "snapshot holds data format {other:?}, this build reads 1 and {FORMAT_VERSION}"
+                )))
+            }
         }
         // The revisions must be there and readable.
         super::read_meta_revs(&meta)?;

@@ -715,13 +715,13 @@ fn compaction_removes_old_versions() {
     };
     let batch: Vec<Option<&Command>> = cmds.iter().map(Option::as_ref).chain([Some(&d)]).collect();
     env.m().apply(&batch, b"", true).unwrap();
+    // Stored versions, and keys in the index: both must shrink.
     let kv_entries = |env: &Env| {
         let txn = env.m().db.begin_read().unwrap();
-        let kv = txn.open_table(KV).unwrap().len().unwrap();
-        let revs = txn.open_table(REVS).unwrap().len().unwrap();
-        (kv, revs)
+        let kv = txn.open_table(KV_BY_REV).unwrap().len().unwrap();
+        (kv, env.m().index.read().unwrap().key_count())
     };
-    assert_eq!(kv_entries(&env), (6, 6));
+    assert_eq!(kv_entries(&env), (6, 2));
     let c = |revision| Command {
         request: Some(command::Request::Compaction(CompactionRequest {
             revision,
@@ -735,7 +735,7 @@ fn compaction_removes_old_versions() {
         .pop()
         .unwrap()
         .unwrap();
-    assert_eq!(kv_entries(&env), (5, 5));
+    assert_eq!(kv_entries(&env), (5, 2));
     // At 7: a keeps a@5; b's newest is its tombstone, so b leaves no trace.
     env.m()
         .apply(&[Some(&c(7))], b"", true)
@@ -743,6 +743,10 @@ fn compaction_removes_old_versions() {
         .pop()
         .unwrap()
         .unwrap();
+    assert_eq!(kv_entries(&env), (1, 1));
+    // The index matches the store after a rebuild.
+    let mut env = env;
+    env.reopen();
     assert_eq!(kv_entries(&env), (1, 1));
     assert_eq!(
         show_range(&env.m().range(&range("\0", "\0")).unwrap()),
@@ -919,7 +923,7 @@ fn unknown_format_version_is_refused() {
     let err = Mvcc::open(&path).err().expect("refused");
     assert_eq!(
         err.to_string(),
-        "mvcc file format version 99 is not supported (this build reads version 1)"
+        "mvcc file format version 99 is not supported (this build reads version 2)"
     );
 
     // A redb file of someone else's is not taken over.
@@ -940,13 +944,18 @@ fn unknown_format_version_is_refused() {
 fn dump(m: &Mvcc) -> Vec<(u8, Vec<u8>, Vec<u8>)> {
     let mut buf = Vec::new();
     m.write_snapshot(&mut buf).unwrap();
+    parse_snapshot(&buf)
+}
+
+/// The records of a snapshot stream: (table id, key, value).
+fn parse_snapshot(buf: &[u8]) -> Vec<(u8, Vec<u8>, Vec<u8>)> {
     let take = |r: &mut &[u8], n: usize| {
         let (a, b) = r.split_at(n);
         *r = b;
         a.to_vec()
     };
     let u32_at = |r: &mut &[u8]| u32::from_le_bytes(take(r, 4).try_into().unwrap()) as usize;
-    let mut r = &buf[..];
+    let mut r = buf;
     assert_eq!(&take(&mut r, 16)[..8], b"RAMPMVCC");
     let mut records = Vec::new();
     loop {
@@ -1242,8 +1251,9 @@ fn mvcc_is_send_and_sync() {
     shared::<Mvcc>();
 }
 
-/// A small store in snapshot format 1 and data format 1, as this build writes it. Later builds
-/// must keep restoring it (or migrate it), so it must never be regenerated casually.
+/// A small store in snapshot format 1 and data format 1, as the builds before data format 2
+/// wrote it (`golden_store`). Every later build must keep restoring it and migrating a file
+/// that holds it, so it must never be regenerated.
 const GOLDEN_V1: &str = concat!(
     "52414d504d56434301000000f69a7adc99010000010b000000636f6d706163745f726576080000000300000000000000",
     "010b00000063757272656e745f726576080000000500000000000000010e000000666f726d61745f76657273696f6e04",
@@ -1255,6 +1265,19 @@ const GOLDEN_V1: &str = concat!(
     "000161031000000000000000000000000300000000000000020000000162031000000000000000000000000400000000",
     "000000020000000161031000000000000000000000000500000000000000020000000162ff0c000000000000002a5802",
     "08",
+);
+
+/// The same store in snapshot format 1 and data format 2, as this build writes it. Later builds
+/// must keep restoring it (or migrate it), so it must never be regenerated casually.
+const GOLDEN_V2: &str = concat!(
+    "52414d504d56434301000000f69a7adc3d010000010b000000636f6d706163745f726576080000000300000000000000",
+    "010b00000063757272656e745f726576080000000500000000000000010e000000666f726d61745f76657273696f6e04",
+    "000000020000000109000000726166745f6d657461040000007261667405100000000000000000000000020000000000",
+    "000020000000020001000000610000000000000002000000000000000100000000000000003105100000000000000000",
+    "000000030000000000000020000000020001000000620000000000000003000000000000000100000000000000003105",
+    "100000000000000000000000040000000000000020000000020001000000610000000000000002000000000000000200",
+    "00000000000000320510000000000000000000000005000000000000000700000002010100000062ff08000000000000",
+    "002bcafa6c",
 );
 
 fn golden_store() -> Env {
@@ -1281,47 +1304,131 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// What the golden store answers, whichever way it was loaded.
+fn check_golden(m: &Mvcc) {
+    assert_eq!((m.current_revision(), m.compact_revision()), (5, 3));
+    assert_eq!(m.raft_meta().unwrap().as_deref(), Some(&b"raft"[..]));
+    assert_eq!(
+        show_range(&m.range(&range("\0", "\0")).unwrap()),
+        "rev=5 count=1 [a=2@2/4/2]"
+    );
+    assert_eq!(
+        show_range(&m.range(&get_at("b", 3)).unwrap()),
+        "rev=5 count=1 [b=1@3/3/1]"
+    );
+    assert_eq!(
+        show_events(&m.events_since(3, 0).unwrap()),
+        "put a=2@2/4/2 prev=a=1@2/2/1; del b@5 prev=b=1@3/3/1"
+    );
+}
+
 #[test]
-fn reads_format_version_1() {
+fn writes_and_reads_format_version_2() {
     let mut written = Vec::new();
     golden_store().m().write_snapshot(&mut written).unwrap();
     assert_eq!(
         hex(&written),
-        GOLDEN_V1,
-        "the v1 layout changed: bump the format version instead"
+        GOLDEN_V2,
+        "the v2 layout changed: bump the format version instead"
     );
-
-    let golden: Vec<u8> = (0..GOLDEN_V1.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&GOLDEN_V1[i..i + 2], 16).unwrap())
-        .collect();
     let env = Env::new();
-    env.m().restore_snapshot(&mut &golden[..]).unwrap();
-    assert_eq!(
-        (env.m().current_revision(), env.m().compact_revision()),
-        (5, 3)
-    );
-    assert_eq!(env.m().raft_meta().unwrap().as_deref(), Some(&b"raft"[..]));
-    assert_eq!(
-        show_range(&env.m().range(&range("\0", "\0")).unwrap()),
-        "rev=5 count=1 [a=2@2/4/2]"
-    );
-    assert_eq!(
-        show_range(&env.m().range(&get_at("b", 3)).unwrap()),
-        "rev=5 count=1 [b=1@3/3/1]"
-    );
-    assert_eq!(
-        show_events(&env.m().events_since(3, 0).unwrap()),
-        "put a=2@2/4/2 prev=a=1@2/2/1; del b@5 prev=b=1@3/3/1"
-    );
+    env.m().restore_snapshot(&mut &unhex(GOLDEN_V2)[..]).unwrap();
+    check_golden(env.m());
+}
+
+#[test]
+fn restores_a_format_1_snapshot() {
+    let env = Env::new();
+    env.m().restore_snapshot(&mut &unhex(GOLDEN_V1)[..]).unwrap();
+    check_golden(env.m());
+    // Converted, it is the store this build would have written.
+    assert_eq!(dump(env.m()), dump(golden_store().m()));
+}
+
+#[test]
+fn migrates_a_format_1_file() {
+    // A format 1 file, built table by table from the golden snapshot's records.
+    let mut env = Env::new();
+    let path = env.path();
+    env.mvcc = None;
+    std::fs::remove_file(&path).unwrap();
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            let mut kv = txn.open_table(KV_V1).unwrap();
+            let mut revs = txn.open_table(REVS_V1).unwrap();
+            let mut leases = txn.open_table(LEASES).unwrap();
+            for (table, k, v) in parse_snapshot(&unhex(GOLDEN_V1)) {
+                match table {
+                    1 => meta.insert(std::str::from_utf8(&k).unwrap(), v.as_slice()).map(drop),
+                    2 => kv.insert(k.as_slice(), v.as_slice()).map(drop),
+                    3 => revs.insert(u128::from_le_bytes(k.try_into().unwrap()), v.as_slice()).map(drop),
+                    4 => leases.insert(i64::from_le_bytes(k.try_into().unwrap()), v.as_slice()).map(drop),
+                    other => panic!("table {other} in a format 1 snapshot"),
+                }
+                .unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    env.reopen();
+    check_golden(env.m());
+    assert_eq!(dump(env.m()), dump(golden_store().m()));
+    // The old tables are gone, and the file stays format 2 across another open.
+    {
+        let txn = env.m().db.begin_read().unwrap();
+        let names: Vec<String> = txn.list_tables().unwrap().map(|t| redb::TableHandle::name(&t).to_string()).collect();
+        assert!(!names.iter().any(|n| n == "kv" || n == "revs"), "{names:?}");
+    }
+    env.reopen();
+    check_golden(env.m());
+
+    // A format 1 file with a damaged record is refused, and left as it was.
+    let bad = env.dir.path().join("bad.redb");
+    {
+        let db = redb::Database::create(&bad).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            meta.insert(META_FORMAT_VERSION, 1u32.to_le_bytes().as_slice()).unwrap();
+            meta.insert(META_CURRENT_REV, 2i64.to_le_bytes().as_slice()).unwrap();
+            meta.insert(META_COMPACT_REV, (-1i64).to_le_bytes().as_slice()).unwrap();
+            let mut kv = txn.open_table(KV_V1).unwrap();
+            kv.insert(codec::kv_key(b"k", Rev { main: 2, sub: 0 }).as_slice(), [7u8, 0].as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let err = Mvcc::open(&bad).err().expect("refused");
+    assert!(err.to_string().contains("unknown kv record version 7"), "{err}");
+    let db = redb::Database::open(&bad).unwrap();
+    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+    assert_eq!(txn.open_table(KV_V1).unwrap().len().unwrap(), 1);
 }
 
 /// Whether `key` is in the committed state, read past the parking (a raw redb read).
 fn committed_has(m: &Mvcc, key: &str) -> bool {
     use redb::ReadableDatabase;
     let txn = m.db.shared().begin_read().unwrap();
-    let kv = txn.open_table(KV).unwrap();
-    read::get_at(&kv, key.as_bytes(), read::LATEST).unwrap().is_some()
+    let kv = txn.open_table(KV_BY_REV).unwrap();
+    let mut live = false;
+    for entry in kv.iter().unwrap() {
+        let (_, v) = entry.unwrap();
+        let e = codec::decode_entry(v.value()).unwrap();
+        if e.key == key.as_bytes() {
+            live = !e.tombstone;
+        }
+    }
+    live
 }
 
 #[test]

@@ -22,15 +22,15 @@ use rampart_proto::mvccpb::{Event, KeyValue};
 use rampart_proto::rampartpb::{command, Command};
 use redb::{ReadableTable, Table};
 
-use super::codec::{self, KvKey, Record, Rev};
+use super::codec::{self, Record, Rev};
+use super::index::{KeyIndex, Version};
 use super::lease::{self, LeaseIndex};
-use super::read::{self, header, KvRead, Span, LATEST};
+use super::read::{self, header, IndexRead, KvRead, Span, View, LATEST};
 use super::{validate, Applied, Fail, MvccError, WriteResponse};
 
 /// The tables a write touches, opened in one write transaction.
 pub(crate) struct Tables<'t> {
-    pub kv: Table<'t, KvKey, &'static [u8]>,
-    pub revs: Table<'t, u128, &'static [u8]>,
+    pub kv: Table<'t, u128, &'static [u8]>,
     pub leases: Table<'t, i64, &'static [u8]>,
 }
 
@@ -41,6 +41,8 @@ pub(crate) struct Writer<'t, 'i> {
     /// Which keys each lease holds, updated with every write (the caller rebuilds it if the
     /// batch is not committed).
     pub leases: &'i mut LeaseIndex,
+    /// Every key's versions, updated with every write (see `index`).
+    pub index: &'i mut KeyIndex,
     /// Newest revision, counting the commands already applied in this batch.
     pub rev: i64,
     /// Revision of the last compaction, -1 if none (etcd's initial `compactMainRev`).
@@ -79,7 +81,30 @@ impl Changes {
     }
 }
 
-impl Writer<'_, '_> {
+impl<'t> Writer<'t, '_> {
+    /// What the writes so far look like to a read.
+    fn view(&self) -> View<'_, Table<'t, u128, &'static [u8]>, KeyIndex> {
+        View {
+            kv: &self.tables.kv,
+            index: &*self.index,
+        }
+    }
+
+    /// Stores one version and indexes it.
+    fn write_version(&mut self, key: &[u8], rev: Rev, record: &Record) -> Result<(), MvccError> {
+        self.tables
+            .kv
+            .insert(rev.to_u128(), codec::encode_entry(key, record).as_slice())?;
+        self.index.push(
+            key,
+            Version {
+                rev,
+                tombstone: matches!(record, Record::Tombstone),
+            },
+        );
+        Ok(())
+    }
+
     /// Applies one command. `Ok(Err(_))`: the command was rejected and changed nothing.
     /// `Err(_)`: storage failed, and the whole batch must be dropped.
     pub fn apply(&mut self, cmd: &Command) -> Result<Result<Applied, EtcdError>, MvccError> {
@@ -107,9 +132,7 @@ impl Writer<'_, '_> {
         if r.lease != 0 && !self.lease_exists(r.lease)? {
             return Err(EtcdError::LeaseNotFound.into());
         }
-        if (r.ignore_value || r.ignore_lease)
-            && read::get_at(&self.tables.kv, &r.key, LATEST)?.is_none()
-        {
+        if (r.ignore_value || r.ignore_lease) && !exists(&self.view(), &r.key) {
             return Err(EtcdError::KeyNotFound.into());
         }
         let mut ch = Changes::new(self.rev);
@@ -126,8 +149,8 @@ impl Writer<'_, '_> {
 
     fn txn_request(&mut self, r: &TxnRequest) -> Result<Applied, Fail> {
         validate::txn(r)?;
-        let path = compare_path(&self.tables.kv, r)?;
-        check_puts(&self.tables, r, &path)?;
+        let path = compare_path(&self.view(), r)?;
+        check_puts(&self.view(), &self.tables.leases, r, &path)?;
         check_ranges(r, &path, self.rev, self.compact_rev)?;
         let mut ch = Changes::new(self.rev);
         let mut resp = self.txn(&mut ch, r, &path).map_err(|f| match f {
@@ -241,7 +264,7 @@ impl Writer<'_, '_> {
     }
 
     fn put(&mut self, ch: &mut Changes, r: &PutRequest) -> Result<PutResponse, MvccError> {
-        let current = read::get_at(&self.tables.kv, &r.key, LATEST)?;
+        let current = self.view().get_at(&r.key, LATEST)?;
         let (value, lease) = match (&current, r.ignore_value || r.ignore_lease) {
             (None, true) => {
                 return Err(MvccError::Corrupt(
@@ -270,13 +293,7 @@ impl Writer<'_, '_> {
             lease,
             value,
         };
-        self.tables.kv.insert(
-            codec::kv_key(&r.key, rev).as_slice(),
-            record.encode().as_slice(),
-        )?;
-        self.tables
-            .revs
-            .insert(rev.to_u128(), codec::encode_rev_value(&r.key).as_slice())?;
+        self.write_version(&r.key, rev, &record)?;
         let kv = record.into_key_value(&r.key, rev.main).expect("a put");
         // The key follows its newest version's lease (etcd's Detach of the old, Attach of the new).
         if old_lease != kv.lease {
@@ -293,7 +310,7 @@ impl Writer<'_, '_> {
         let event_prev = match &current {
             _ if version == 1 => None,
             Some(cur) if cur.mod_revision <= ch.begin => Some(cur.clone()),
-            _ => read::get_at(&self.tables.kv, &r.key, ch.begin)?,
+            _ => self.view().get_at(&r.key, ch.begin)?,
         };
         ch.events.push(Event {
             r#type: EventType::Put as i32,
@@ -312,28 +329,19 @@ impl Writer<'_, '_> {
         ch: &mut Changes,
         r: &DeleteRangeRequest,
     ) -> Result<DeleteRangeResponse, MvccError> {
-        let live = read::range_at(
-            &self.tables.kv,
-            Span::new(&r.key, &r.range_end),
-            LATEST,
-            usize::MAX,
-        )?;
-        let tombstone = Record::Tombstone.encode();
+        let live = self
+            .view()
+            .range_at(Span::new(&r.key, &r.range_end), LATEST, usize::MAX)?;
         for kv in &live.kvs {
             if kv.lease != 0 {
                 self.leases.detach(kv.lease, &kv.key)?;
             }
             let rev = ch.next_rev();
-            self.tables
-                .kv
-                .insert(codec::kv_key(&kv.key, rev).as_slice(), tombstone.as_slice())?;
-            self.tables
-                .revs
-                .insert(rev.to_u128(), codec::encode_rev_value(&kv.key).as_slice())?;
+            self.write_version(&kv.key, rev, &Record::Tombstone)?;
             let event_prev = if kv.mod_revision <= ch.begin {
                 Some(kv.clone())
             } else {
-                read::get_at(&self.tables.kv, &kv.key, ch.begin)?
+                self.view().get_at(&kv.key, ch.begin)?
             };
             let gone = KeyValue {
                 key: kv.key.clone(),
@@ -360,7 +368,7 @@ impl Writer<'_, '_> {
         for op in path.ops(r) {
             let response = match &op.request {
                 Some(Request::RequestRange(q)) => Response::ResponseRange(read::range_request(
-                    &self.tables.kv,
+                    &self.view(),
                     q,
                     ch.view_rev(),
                     self.compact_rev,
@@ -406,34 +414,23 @@ impl Writer<'_, '_> {
         }
         .to_u128();
         let mut keys = BTreeSet::new();
-        for entry in self.tables.revs.range(lo..=hi)? {
+        for entry in self.tables.kv.range(lo..=hi)? {
             let (_, v) = entry?;
-            keys.insert(codec::decode_rev_value(v.value())?.to_vec());
+            keys.insert(codec::decode_entry(v.value())?.key.to_vec());
         }
         for key in keys {
-            let lo = codec::kv_key_first(&key);
-            let hi = codec::kv_key_raw(&key, upto as u64, u64::MAX);
-            let mut versions = Vec::new();
-            for entry in self
-                .tables
-                .kv
-                .range::<&[u8]>(lo.as_slice()..=hi.as_slice())?
-            {
-                let (k, v) = entry?;
-                let (_, rev) = codec::split_kv_key(k.value())?;
-                versions.push((rev, codec::is_tombstone(v.value())?));
-            }
-            let keep_newest = matches!(versions.last(), Some((_, false)));
-            let drop = versions.len() - usize::from(keep_newest);
-            for (rev, _) in &versions[..drop] {
-                self.tables
-                    .kv
-                    .remove(codec::kv_key(&key, *rev).as_slice())?;
-                self.tables.revs.remove(rev.to_u128())?;
+            for rev in self.index.compact_key(&key, upto) {
+                self.tables.kv.remove(rev.to_u128())?;
             }
         }
+        self.index.set_compacted(upto);
         Ok(())
     }
+}
+
+/// Whether `key` exists now (its newest version is not a tombstone).
+fn exists<T: KvRead, I: IndexRead>(view: &View<'_, T, I>, key: &[u8]) -> bool {
+    view.newest(key, LATEST).is_some_and(|v| !v.tombstone)
 }
 
 /// etcd leaves the header of a nested txn's response empty (but present).
@@ -460,10 +457,13 @@ impl Path {
     }
 }
 
-pub(crate) fn compare_path<T: KvRead>(kv: &T, r: &TxnRequest) -> Result<Path, MvccError> {
+pub(crate) fn compare_path<T: KvRead, I: IndexRead>(
+    view: &View<'_, T, I>,
+    r: &TxnRequest,
+) -> Result<Path, MvccError> {
     let mut succeeded = true;
     for c in &r.compare {
-        if !compare(kv, c)? {
+        if !compare(view, c)? {
             succeeded = false;
             break;
         }
@@ -474,7 +474,7 @@ pub(crate) fn compare_path<T: KvRead>(kv: &T, r: &TxnRequest) -> Result<Path, Mv
     };
     for op in path.ops(r) {
         if let Some(Request::RequestTxn(t)) = &op.request {
-            path.nested.push(compare_path(kv, t)?);
+            path.nested.push(compare_path(view, t)?);
         }
     }
     Ok(path)
@@ -482,8 +482,8 @@ pub(crate) fn compare_path<T: KvRead>(kv: &T, r: &TxnRequest) -> Result<Path, Mv
 
 /// etcd's `applyCompare`: every key of the range must satisfy the compare. With no key at all,
 /// a value compare fails and the others compare against zeros.
-fn compare<T: KvRead>(kv: &T, c: &Compare) -> Result<bool, MvccError> {
-    let live = read::range_at(kv, Span::new(&c.key, &c.range_end), LATEST, usize::MAX)?;
+fn compare<T: KvRead, I: IndexRead>(view: &View<'_, T, I>, c: &Compare) -> Result<bool, MvccError> {
+    let live = view.range_at(Span::new(&c.key, &c.range_end), LATEST, usize::MAX)?;
     if live.kvs.is_empty() {
         if c.target == CompareTarget::Value as i32 {
             return Ok(false);
@@ -547,20 +547,23 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
 
 /// etcd's `checkRequestPut` over the chosen path: ignore_value/ignore_lease need the key to
 /// exist before the txn, and a lease must exist.
-fn check_puts(tables: &Tables<'_>, r: &TxnRequest, path: &Path) -> Result<(), Fail> {
+fn check_puts<T: KvRead, I: IndexRead>(
+    view: &View<'_, T, I>,
+    leases: &Table<'_, i64, &'static [u8]>,
+    r: &TxnRequest,
+    path: &Path,
+) -> Result<(), Fail> {
     let mut nested = path.nested.iter();
     for op in path.ops(r) {
         match &op.request {
             Some(Request::RequestTxn(t)) => {
-                check_puts(tables, t, nested.next().expect("one path per nested txn"))?
+                check_puts(view, leases, t, nested.next().expect("one path per nested txn"))?
             }
             Some(Request::RequestPut(p)) => {
-                if (p.ignore_value || p.ignore_lease)
-                    && read::get_at(&tables.kv, &p.key, LATEST)?.is_none()
-                {
+                if (p.ignore_value || p.ignore_lease) && !exists(view, &p.key) {
                     return Err(EtcdError::KeyNotFound.into());
                 }
-                if p.lease != 0 && tables.leases.get(p.lease)?.is_none() {
+                if p.lease != 0 && leases.get(p.lease)?.is_none() {
                     return Err(EtcdError::LeaseNotFound.into());
                 }
             }
@@ -613,8 +616,8 @@ pub(crate) fn is_read_only(r: &TxnRequest) -> bool {
 }
 
 /// A txn that only reads, served from a read view without going through the log.
-pub(crate) fn read_only_txn<T: KvRead>(
-    kv: &T,
+pub(crate) fn read_only_txn<T: KvRead, I: IndexRead>(
+    view: &View<'_, T, I>,
     r: &TxnRequest,
     rev: i64,
     compact_rev: i64,
@@ -626,15 +629,15 @@ pub(crate) fn read_only_txn<T: KvRead>(
         )
         .into());
     }
-    let path = compare_path(kv, r)?;
+    let path = compare_path(view, r)?;
     check_ranges(r, &path, rev, compact_rev)?;
-    let mut resp = read_txn_ops(kv, r, &path, rev, compact_rev)?;
+    let mut resp = read_txn_ops(view, r, &path, rev, compact_rev)?;
     resp.header = Some(header(rev));
     Ok(resp)
 }
 
-fn read_txn_ops<T: KvRead>(
-    kv: &T,
+fn read_txn_ops<T: KvRead, I: IndexRead>(
+    view: &View<'_, T, I>,
     r: &TxnRequest,
     path: &Path,
     rev: i64,
@@ -645,11 +648,11 @@ fn read_txn_ops<T: KvRead>(
     for op in path.ops(r) {
         let response = match &op.request {
             Some(Request::RequestRange(q)) => {
-                Response::ResponseRange(read::range_request(kv, q, rev, compact_rev)?)
+                Response::ResponseRange(read::range_request(view, q, rev, compact_rev)?)
             }
             Some(Request::RequestTxn(q)) => {
                 let p = nested.next().expect("one path per nested txn");
-                Response::ResponseTxn(nested_response(read_txn_ops(kv, q, p, rev, compact_rev)?))
+                Response::ResponseTxn(nested_response(read_txn_ops(view, q, p, rev, compact_rev)?))
             }
             _ => return Err(MvccError::Corrupt("bug: a write in a read-only txn".into()).into()),
         };

@@ -1,0 +1,194 @@
+//! The key index: for every user key, the revisions at which it was written or deleted, in
+//! memory (etcd's `treeIndex`). The `kv_by_rev` table is ordered by revision only, so this is
+//! what finds a key's version as of a revision, and what a range walks in key order.
+//!
+//! Derived data: rebuilt from `kv_by_rev` when the store opens and after a snapshot is restored,
+//! and kept current by every write. The writer holds it exclusively for a whole batch and
+//! pushes each version as it writes it, so a txn sees its own writes. Readers take it shared
+//! only to look revisions up, then read the versions from their own redb read transaction.
+//!
+//! A reader's transaction may be older than the index: versions newer than the reader's revision
+//! are simply not asked for, but versions a later compaction removed would be missing. So the
+//! index carries the compaction revision it has applied ([`KeyIndex::compacted`]), and a read
+//! below it is refused as compacted, as etcd refuses it.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use super::codec::Rev;
+use super::read::Span;
+
+/// One stored version of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Version {
+    pub rev: Rev,
+    pub tombstone: bool,
+}
+
+/// Every key with its stored versions, oldest first (never an empty list).
+#[derive(Debug)]
+pub(crate) struct KeyIndex {
+    keys: BTreeMap<Box<[u8]>, Vec<Version>>,
+    /// The compaction revision applied to the index, -1 if none (etcd's `compactMainRev`).
+    compacted: i64,
+}
+
+/// The live keys of a span at one revision: how many, and the first few with their revisions.
+#[derive(Debug, Default)]
+pub(crate) struct Live {
+    pub first: Vec<(Vec<u8>, Rev)>,
+    pub count: i64,
+}
+
+impl KeyIndex {
+    pub fn new(compacted: i64) -> KeyIndex {
+        KeyIndex {
+            keys: BTreeMap::new(),
+            compacted,
+        }
+    }
+
+    pub fn compacted(&self) -> i64 {
+        self.compacted
+    }
+
+    /// Records a new version of `key`; versions must come in revision order.
+    pub fn push(&mut self, key: &[u8], version: Version) {
+        match self.keys.get_mut(key) {
+            Some(versions) => {
+                debug_assert!(versions.last().is_none_or(|v| v.rev < version.rev));
+                versions.push(version);
+            }
+            None => {
+                self.keys.insert(key.into(), vec![version]);
+            }
+        }
+    }
+
+    /// The newest version of `key` with main revision <= `at`, tombstones included.
+    pub fn newest(&self, key: &[u8], at: i64) -> Option<Version> {
+        let versions = self.keys.get(key)?;
+        newest_of(versions, at)
+    }
+
+    /// The live keys of `span` as of main revision `at`: all of them counted, the first `keep`
+    /// (in key order) returned with the revision of their version.
+    pub fn live(&self, span: Span, at: i64, keep: usize) -> Live {
+        let mut live = Live::default();
+        let mut add = |key: &[u8], versions: &[Version]| {
+            if let Some(v) = newest_of(versions, at).filter(|v| !v.tombstone) {
+                live.count += 1;
+                if live.first.len() < keep {
+                    live.first.push((key.to_vec(), v.rev));
+                }
+            }
+        };
+        let (start, end) = match span {
+            Span::Single(key) => {
+                if let Some((k, versions)) = self.keys.get_key_value(key) {
+                    add(k, versions);
+                }
+                return live;
+            }
+            Span::From(key) => (key, Bound::Unbounded),
+            Span::Until(key, end) if end <= key => return live,
+            Span::Until(key, end) => (key, Bound::Excluded(end)),
+        };
+        for (k, versions) in self
+            .keys
+            .range::<[u8], _>((Bound::Included(start), end))
+        {
+            add(k, versions);
+        }
+        live
+    }
+
+    /// Drops the versions of `key` that no read at or after `upto` can see: every version up to
+    /// `upto` but the newest, and that one too if it is a tombstone (etcd's `keyIndex.compact`).
+    /// Returns the revisions dropped, for the caller to delete from `kv_by_rev`.
+    pub fn compact_key(&mut self, key: &[u8], upto: i64) -> Vec<Rev> {
+        let Some(versions) = self.keys.get_mut(key) else {
+            return Vec::new();
+        };
+        let visible = versions.partition_point(|v| v.rev.main <= upto);
+        let keep_newest = visible > 0 && !versions[visible - 1].tombstone;
+        let drop = visible - usize::from(keep_newest);
+        let dropped = versions.drain(..drop).map(|v| v.rev).collect();
+        if versions.is_empty() {
+            self.keys.remove(key);
+        }
+        dropped
+    }
+
+    /// Marks compaction at `upto` as applied: reads below it are refused from now on.
+    pub fn set_compacted(&mut self, upto: i64) {
+        self.compacted = self.compacted.max(upto);
+    }
+
+    /// How many keys the index holds (live or deleted but not compacted away).
+    #[cfg(test)]
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+fn newest_of(versions: &[Version], at: i64) -> Option<Version> {
+    // Most reads are of the newest version: check it before searching.
+    match versions.last() {
+        Some(v) if v.rev.main <= at => Some(*v),
+        _ => {
+            let i = versions.partition_point(|v| v.rev.main <= at);
+            i.checked_sub(1).map(|i| versions[i])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(main: i64, sub: i64, tombstone: bool) -> Version {
+        Version {
+            rev: Rev { main, sub },
+            tombstone,
+        }
+    }
+
+    #[test]
+    fn newest_live_and_compaction() {
+        let mut ix = KeyIndex::new(-1);
+        ix.push(b"a", v(2, 0, false));
+        ix.push(b"b", v(3, 0, false));
+        ix.push(b"a", v(4, 0, false));
+        ix.push(b"a", v(5, 0, true));
+        ix.push(b"a\0", v(5, 1, false));
+        assert_eq!(ix.newest(b"a", 1), None);
+        assert_eq!(ix.newest(b"a", 3), Some(v(2, 0, false)));
+        assert_eq!(ix.newest(b"a", 4), Some(v(4, 0, false)));
+        assert_eq!(ix.newest(b"a", i64::MAX), Some(v(5, 0, true)));
+        let names = |l: Live| (l.count, l.first.into_iter().map(|(k, r)| (k, r.main)).collect::<Vec<_>>());
+        assert_eq!(
+            names(ix.live(Span::From(b"a"), 4, usize::MAX)),
+            (2, vec![(b"a".to_vec(), 4), (b"b".to_vec(), 3)])
+        );
+        assert_eq!(
+            names(ix.live(Span::From(b"a"), 5, 1)),
+            (2, vec![(b"a\0".to_vec(), 5)])
+        );
+        assert_eq!(names(ix.live(Span::Until(b"a", b"b"), 5, 9)).0, 1);
+        assert_eq!(names(ix.live(Span::Until(b"b", b"a"), 5, 9)).0, 0);
+        assert_eq!(names(ix.live(Span::Single(b"a"), 4, 0)), (1, vec![]));
+
+        // Compacting at 4 keeps a's version 4 (still visible at 4); at 5 the tombstone takes
+        // the key away entirely.
+        assert_eq!(ix.compact_key(b"a", 4), vec![Rev { main: 2, sub: 0 }]);
+        assert_eq!(ix.newest(b"a", 4), Some(v(4, 0, false)));
+        assert_eq!(
+            ix.compact_key(b"a", 5),
+            vec![Rev { main: 4, sub: 0 }, Rev { main: 5, sub: 0 }]
+        );
+        assert_eq!(ix.newest(b"a", i64::MAX), None);
+        assert_eq!(ix.compact_key(b"b", 5), vec![]);
+        assert_eq!(ix.key_count(), 2);
+    }
+}
