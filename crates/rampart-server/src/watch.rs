@@ -39,10 +39,11 @@ use rampart_core::{limits, EtcdError};
 use rampart_proto::etcdserverpb::watch_create_request::FilterType;
 use rampart_proto::etcdserverpb::watch_request::RequestUnion;
 use rampart_proto::etcdserverpb::watch_server::Watch;
-use rampart_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
+use rampart_proto::etcdserverpb::{RangeRequest, WatchCreateRequest, WatchRequest, WatchResponse};
 use rampart_proto::mvccpb::event::EventType;
-use rampart_proto::mvccpb::Event;
+use rampart_proto::mvccpb::{Event, KeyValue};
 use rampart_raft::state_machine::Change;
+use rampart_storage::mvcc::Mvcc;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -160,19 +161,31 @@ impl Watcher {
         }
     }
 
-    /// The events this watch wants, as it wants them (the feed and history always fill prev_kv).
-    fn select(&self, events: impl IntoIterator<Item = Event>) -> Vec<Event> {
+    /// The events this watch wants, as it wants them. History fills every `prev_kv`; the feed
+    /// fills it for deletes only, so a put's is read here, at the revision before the put, when
+    /// the watch asks for it (as etcd's watch server reads it). If that revision has been
+    /// compacted meanwhile the event goes without it, as in etcd.
+    fn select(&self, events: impl IntoIterator<Item = Event>, mvcc: &Mvcc) -> Vec<Event> {
         events
             .into_iter()
             .filter(|e| self.wants(e))
             .map(|mut e| {
                 if !self.prev_kv {
                     e.prev_kv = None;
+                } else if e.prev_kv.is_none() && e.r#type == EventType::Put as i32 {
+                    e.prev_kv = e.kv.as_ref().filter(|kv| kv.version > 1).and_then(|kv| previous(mvcc, kv));
                 }
                 e
             })
             .collect()
     }
+}
+
+/// `kv`'s key as of the revision before `kv` was written; None if it did not exist or that
+/// revision is compacted.
+fn previous(mvcc: &Mvcc, kv: &KeyValue) -> Option<KeyValue> {
+    let req = RangeRequest { key: kv.key.clone(), revision: kv.mod_revision - 1, ..Default::default() };
+    mvcc.range(&req).ok()?.kvs.pop()
 }
 
 /// Queues one response of `events` for watch `id`, in fragments if it asked for them.
@@ -475,7 +488,7 @@ impl StreamTask {
                 continue;
             }
             w.rev = change.revision;
-            let events = w.select(change.events.iter().cloned());
+            let events = w.select(change.events.iter().cloned(), &self.member.sm.mvcc);
             if !events.is_empty() {
                 send_events(&self.out, &self.member, *id, w, events, change.revision, self.fragment_bytes).await?;
             }
@@ -521,7 +534,7 @@ impl StreamTask {
         };
         let more = events.len() >= limits::WATCH_REPLAY_CHUNK_EVENTS;
         let last = events.last().map(event_rev);
-        for batch in batches(w.select(events), self.batch_bytes) {
+        for batch in batches(w.select(events, mvcc), self.batch_bytes) {
             // As etcd's syncWatchers: a replayed response carries the current revision.
             let header_rev = current.max(batch.last().map_or(0, event_rev));
             send_events(&self.out, &self.member, id, w, batch, header_rev, self.fragment_bytes).await?;

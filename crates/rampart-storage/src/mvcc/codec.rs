@@ -245,6 +245,16 @@ impl Entry<'_> {
         }
     }
 
+    /// A put's create revision, version and lease (without copying the value); None for a
+    /// tombstone.
+    pub fn put_meta(&self) -> Option<(i64, i64, i64)> {
+        if self.tombstone {
+            return None;
+        }
+        let int = |at: usize| i64::from_be_bytes(self.fields[at..at + 8].try_into().expect("8 bytes"));
+        Some((int(0), int(8), int(16)))
+    }
+
     /// The lease of a put (0 for a tombstone), without copying the value.
     pub fn lease(&self) -> i64 {
         if self.tombstone {

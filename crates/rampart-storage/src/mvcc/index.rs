@@ -25,10 +25,28 @@ pub(crate) struct Version {
     pub tombstone: bool,
 }
 
-/// Every key with its stored versions, oldest first (never an empty list).
+/// What a put needs to know of a key's newest version when it is live, so that it need not read
+/// the version itself (etcd's keyIndex keeps `created` and `ver` for the same reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Newest {
+    pub rev: Rev,
+    pub create_revision: i64,
+    pub version: i64,
+    pub lease: i64,
+}
+
+#[derive(Debug)]
+struct Key {
+    /// Oldest first, never empty.
+    versions: Vec<Version>,
+    /// Of the newest version, if it is a put.
+    newest: Option<Newest>,
+}
+
+/// Every key with its stored versions.
 #[derive(Debug)]
 pub(crate) struct KeyIndex {
-    keys: BTreeMap<Box<[u8]>, Vec<Version>>,
+    keys: BTreeMap<Box<[u8]>, Key>,
     /// The compaction revision applied to the index, -1 if none (etcd's `compactMainRev`).
     compacted: i64,
 }
@@ -52,31 +70,48 @@ impl KeyIndex {
         self.compacted
     }
 
-    /// Records a new version of `key`; versions must come in revision order.
-    pub fn push(&mut self, key: &[u8], version: Version) {
+    /// Records a new version of `key`: a put (with what [`KeyIndex::current`] will answer) or,
+    /// with `put` None, a tombstone. Versions must come in revision order.
+    pub fn push(&mut self, key: &[u8], rev: Rev, put: Option<Newest>) {
+        debug_assert!(put.is_none_or(|p| p.rev == rev));
+        let version = Version {
+            rev,
+            tombstone: put.is_none(),
+        };
         match self.keys.get_mut(key) {
-            Some(versions) => {
-                debug_assert!(versions.last().is_none_or(|v| v.rev < version.rev));
-                versions.push(version);
+            Some(k) => {
+                debug_assert!(k.versions.last().is_none_or(|v| v.rev < rev));
+                k.versions.push(version);
+                k.newest = put;
             }
             None => {
-                self.keys.insert(key.into(), vec![version]);
+                self.keys.insert(
+                    key.into(),
+                    Key {
+                        versions: vec![version],
+                        newest: put,
+                    },
+                );
             }
         }
     }
 
     /// The newest version of `key` with main revision <= `at`, tombstones included.
     pub fn newest(&self, key: &[u8], at: i64) -> Option<Version> {
-        let versions = self.keys.get(key)?;
-        newest_of(versions, at)
+        newest_of(&self.keys.get(key)?.versions, at)
+    }
+
+    /// The newest version of `key` if it exists now (is not deleted).
+    pub fn current(&self, key: &[u8]) -> Option<Newest> {
+        self.keys.get(key)?.newest
     }
 
     /// The live keys of `span` as of main revision `at`: all of them counted, the first `keep`
     /// (in key order) returned with the revision of their version.
     pub fn live(&self, span: Span, at: i64, keep: usize) -> Live {
         let mut live = Live::default();
-        let mut add = |key: &[u8], versions: &[Version]| {
-            if let Some(v) = newest_of(versions, at).filter(|v| !v.tombstone) {
+        let mut add = |key: &[u8], k: &Key| {
+            if let Some(v) = newest_of(&k.versions, at).filter(|v| !v.tombstone) {
                 live.count += 1;
                 if live.first.len() < keep {
                     live.first.push((key.to_vec(), v.rev));
@@ -85,8 +120,8 @@ impl KeyIndex {
         };
         let (start, end) = match span {
             Span::Single(key) => {
-                if let Some((k, versions)) = self.keys.get_key_value(key) {
-                    add(k, versions);
+                if let Some((key, k)) = self.keys.get_key_value(key) {
+                    add(key, k);
                 }
                 return live;
             }
@@ -94,11 +129,11 @@ impl KeyIndex {
             Span::Until(key, end) if end <= key => return live,
             Span::Until(key, end) => (key, Bound::Excluded(end)),
         };
-        for (k, versions) in self
+        for (key, k) in self
             .keys
             .range::<[u8], _>((Bound::Included(start), end))
         {
-            add(k, versions);
+            add(key, k);
         }
         live
     }
@@ -107,7 +142,7 @@ impl KeyIndex {
     /// `upto` but the newest, and that one too if it is a tombstone (etcd's `keyIndex.compact`).
     /// Returns the revisions dropped, for the caller to delete from `kv_by_rev`.
     pub fn compact_key(&mut self, key: &[u8], upto: i64) -> Vec<Rev> {
-        let Some(versions) = self.keys.get_mut(key) else {
+        let Some(Key { versions, .. }) = self.keys.get_mut(key) else {
             return Vec::new();
         };
         let visible = versions.partition_point(|v| v.rev.main <= upto);
@@ -154,14 +189,27 @@ mod tests {
         }
     }
 
+    fn push(ix: &mut KeyIndex, key: &[u8], v: Version) {
+        let put = (!v.tombstone).then_some(Newest {
+            rev: v.rev,
+            create_revision: 1,
+            version: v.rev.main,
+            lease: 0,
+        });
+        ix.push(key, v.rev, put);
+    }
+
     #[test]
     fn newest_live_and_compaction() {
         let mut ix = KeyIndex::new(-1);
-        ix.push(b"a", v(2, 0, false));
-        ix.push(b"b", v(3, 0, false));
-        ix.push(b"a", v(4, 0, false));
-        ix.push(b"a", v(5, 0, true));
-        ix.push(b"a\0", v(5, 1, false));
+        push(&mut ix, b"a", v(2, 0, false));
+        push(&mut ix, b"b", v(3, 0, false));
+        push(&mut ix, b"a", v(4, 0, false));
+        assert_eq!(ix.current(b"a").map(|n| n.version), Some(4));
+        push(&mut ix, b"a", v(5, 0, true));
+        push(&mut ix, b"a\0", v(5, 1, false));
+        assert_eq!(ix.current(b"a"), None);
+        assert_eq!(ix.current(b"b").map(|n| n.rev.main), Some(3));
         assert_eq!(ix.newest(b"a", 1), None);
         assert_eq!(ix.newest(b"a", 3), Some(v(2, 0, false)));
         assert_eq!(ix.newest(b"a", 4), Some(v(4, 0, false)));

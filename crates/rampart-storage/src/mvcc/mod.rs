@@ -60,7 +60,7 @@ use rampart_proto::rampartpb::Command;
 use redb::{ReadableTable, TableDefinition};
 
 use codec::{KvKey, Record, Rev};
-use index::{KeyIndex, Version};
+use index::KeyIndex;
 use read::View;
 
 pub use lease::Lease;
@@ -620,13 +620,15 @@ fn load_indexes(
         let (k, v) = entry?;
         let rev = Rev::from_u128(k.value());
         let e = codec::decode_entry(v.value())?;
-        index.push(
-            e.key,
-            Version {
+        let put = e
+            .put_meta()
+            .map(|(create_revision, version, lease)| index::Newest {
                 rev,
-                tombstone: e.tombstone,
-            },
-        );
+                create_revision,
+                version,
+                lease,
+            });
+        index.push(e.key, rev, put);
         match e.lease() {
             0 => {
                 leased.remove(e.key);

@@ -23,7 +23,7 @@ use rampart_proto::rampartpb::{command, Command};
 use redb::{ReadableTable, Table};
 
 use super::codec::{self, Record, Rev};
-use super::index::{KeyIndex, Version};
+use super::index::{KeyIndex, Newest};
 use super::lease::{self, LeaseIndex};
 use super::read::{self, header, IndexRead, KvRead, Span, View, LATEST};
 use super::{validate, Applied, Fail, MvccError, WriteResponse};
@@ -95,13 +95,21 @@ impl<'t> Writer<'t, '_> {
         self.tables
             .kv
             .insert(rev.to_u128(), codec::encode_entry(key, record).as_slice())?;
-        self.index.push(
-            key,
-            Version {
+        let put = match record {
+            Record::Put {
+                create_revision,
+                version,
+                lease,
+                ..
+            } => Some(Newest {
                 rev,
-                tombstone: matches!(record, Record::Tombstone),
-            },
-        );
+                create_revision: *create_revision,
+                version: *version,
+                lease: *lease,
+            }),
+            Record::Tombstone => None,
+        };
+        self.index.push(key, rev, put);
         Ok(())
     }
 
@@ -263,27 +271,33 @@ impl<'t> Writer<'t, '_> {
         Ok(self.finish(ch, WriteResponse::LeaseRevoke(resp)))
     }
 
+    /// Writes one put. Its watch event carries no `prev_kv`: the watch server reads that at
+    /// the revision before, for the watchers that ask (as etcd's does), so a put reads the
+    /// version it replaces only when the request itself needs it (`ignore_value`, `prev_kv`).
     fn put(&mut self, ch: &mut Changes, r: &PutRequest) -> Result<PutResponse, MvccError> {
-        let current = self.view().get_at(&r.key, LATEST)?;
-        let (value, lease) = match (&current, r.ignore_value || r.ignore_lease) {
+        let current = self.index.current(&r.key);
+        let current_kv = match current {
+            Some(cur) if r.ignore_value || r.prev_kv => Some(self.view().stored(&r.key, cur.rev)?),
+            _ => None,
+        };
+        let (value, lease) = match (current, r.ignore_value || r.ignore_lease) {
             (None, true) => {
                 return Err(MvccError::Corrupt(
                     "bug: ignore_value/ignore_lease put of a missing key".into(),
                 ))
             }
             (Some(cur), _) => (
-                if r.ignore_value {
-                    cur.value.clone()
-                } else {
-                    r.value.clone()
+                match &current_kv {
+                    Some(kv) if r.ignore_value => kv.value.clone(),
+                    _ => r.value.clone(),
                 },
                 if r.ignore_lease { cur.lease } else { r.lease },
             ),
             (None, false) => (r.value.clone(), r.lease),
         };
-        let old_lease = current.as_ref().map_or(0, |cur| cur.lease);
+        let old_lease = current.map_or(0, |cur| cur.lease);
         let rev = ch.next_rev();
-        let (create_revision, version) = match &current {
+        let (create_revision, version) = match current {
             Some(cur) => (cur.create_revision, cur.version + 1),
             None => (rev.main, 1),
         };
@@ -304,23 +318,14 @@ impl<'t> Writer<'t, '_> {
                 self.leases.attach(kv.lease, &r.key)?;
             }
         }
-
-        // Watchers see no prev_kv on a create, and otherwise the key as of the revision before
-        // this command (etcd's watch server reads it at mod_revision - 1).
-        let event_prev = match &current {
-            _ if version == 1 => None,
-            Some(cur) if cur.mod_revision <= ch.begin => Some(cur.clone()),
-            _ => self.view().get_at(&r.key, ch.begin)?,
-        };
         ch.events.push(Event {
             r#type: EventType::Put as i32,
             kv: Some(kv),
-            prev_kv: event_prev,
+            prev_kv: None,
         });
-        let prev_kv = if r.prev_kv { current } else { None };
         Ok(PutResponse {
             header: Some(header(rev.main)),
-            prev_kv,
+            prev_kv: if r.prev_kv { current_kv } else { None },
         })
     }
 
