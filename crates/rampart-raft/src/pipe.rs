@@ -19,6 +19,18 @@
 //! order. A payload is at most [`MAX_PEER_MESSAGE_BYTES`]. TCP checksums the bytes; a frame that
 //! does not decode closes the connection. A listener that does not know the pipe closes the
 //! connection at the preface, and the sender then uses gRPC for that peer.
+//!
+//! # The propose pipe, version 1
+//!
+//! Writes a follower forwards to the leader (`rampart-server::forward`) travel the same way on
+//! connections of their own, which start with [`PROPOSE_PREFACE`] (`RPPROP01`). The listener
+//! answers it with the same 8 bytes before anything else, and the follower sends no write before
+//! it has them: a listener that does not know this pipe closes the connection at the preface,
+//! and the follower then knows for certain that no write was sent, so it may use gRPC instead.
+//! Then the follower sends frames holding a batch of requests (a postcard `Vec<Request>`) and the
+//! leader answers each, in order, with a postcard `Result<Vec<Result<Vec<u8>, EtcdError>>,
+//! String>`: one result per write, or why the batch was refused. One batch at a time per
+//! connection; a follower keeps a connection for each batch it has in flight.
 
 use std::io;
 use std::net::IpAddr;
@@ -35,6 +47,15 @@ use crate::{codec, Raft, TypeConfig};
 
 /// First bytes of a pipe connection: magic and format version.
 pub const PREFACE: [u8; 8] = *b"RPPIPE01";
+/// First bytes of a propose pipe connection, sent back by the listener as its handshake.
+pub const PROPOSE_PREFACE: [u8; 8] = *b"RPPROP01";
+
+/// Which pipe a connection's first bytes announce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipeKind {
+    AppendEntries,
+    Propose,
+}
 /// Longest a listener waits for a new connection's first 8 bytes before handing it to gRPC.
 pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -109,37 +130,128 @@ impl PipeClient {
 /// Serves one pipe connection whose preface has been read: answers AppendEntries in order until
 /// the leader closes it (or sends something that does not decode).
 pub async fn serve(stream: TcpStream, raft: Raft) -> io::Result<()> {
+    serve_frames(stream, |req: AppendEntriesRequest<TypeConfig>| {
+        let raft = raft.clone();
+        async move { raft.append_entries(req).await.map_err(|e| e.to_string()) }
+    })
+    .await
+}
+
+/// Serves a propose pipe whose preface has been read: sends the handshake, then answers each
+/// batch with `handle`, in order, until the follower closes the connection.
+pub async fn serve_propose<F, Fut>(mut stream: TcpStream, handle: F) -> io::Result<()>
+where
+    F: FnMut(Vec<crate::Request>) -> Fut,
+    Fut: std::future::Future<Output = ProposeAnswer>,
+{
+    stream.write_all(&PROPOSE_PREFACE).await?;
+    serve_frames(stream, handle).await
+}
+
+/// The leader's answer to a forwarded batch: one result per write, in order, or why the whole
+/// batch was refused.
+pub type ProposeAnswer = Result<Vec<Result<Vec<u8>, rampart_core::EtcdError>>, String>;
+
+/// Reads request frames and writes each one's answer, in order, until the peer closes.
+async fn serve_frames<Q, A, F, Fut>(stream: TcpStream, mut handle: F) -> io::Result<()>
+where
+    Q: DeserializeOwned,
+    A: Serialize,
+    F: FnMut(Q) -> Fut,
+    Fut: std::future::Future<Output = A>,
+{
     let (read, write) = stream.into_split();
     let mut read = BufReader::new(read);
     let mut write = BufWriter::new(write);
-    while let Some(req) = read_frame::<AppendEntriesRequest<TypeConfig>>(&mut read).await? {
-        let answer = raft.append_entries(req).await.map_err(|e| e.to_string());
+    while let Some(req) = read_frame::<Q>(&mut read).await? {
+        let answer = handle(req).await;
         write_frame(&mut write, &answer).await?;
         write.flush().await?;
     }
     Ok(())
 }
 
-/// Reads the 8 bytes a listener sees first and says whether they are a pipe's preface; the bytes
+/// Reads the 8 bytes a listener sees first and says which pipe they announce, if any; the bytes
 /// stay unread either way (`peek`). Bounded by [`SNIFF_TIMEOUT`]; a connection that sends fewer
 /// bytes than that is not a pipe.
-pub async fn is_pipe(stream: &TcpStream) -> bool {
+pub async fn sniff(stream: &TcpStream) -> Option<PipeKind> {
     let sniff = async {
         let mut buf = [0u8; PREFACE.len()];
         loop {
             match stream.peek(&mut buf).await {
-                Ok(n) if n >= buf.len() => return buf == PREFACE,
+                Ok(n) if n >= buf.len() => {
+                    return match buf {
+                        PREFACE => Some(PipeKind::AppendEntries),
+                        PROPOSE_PREFACE => Some(PipeKind::Propose),
+                        _ => None,
+                    }
+                }
                 // Closed, or nothing yet to tell by.
-                Ok(0) | Err(_) => return false,
+                Ok(0) | Err(_) => return None,
                 // A preface split over two segments: rare, wait for the rest.
                 Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
             }
         }
     };
-    tokio::time::timeout(SNIFF_TIMEOUT, sniff).await.unwrap_or(false)
+    tokio::time::timeout(SNIFF_TIMEOUT, sniff).await.ok().flatten()
 }
 
-/// Consumes the preface [`is_pipe`] saw.
+/// A follower's connection to the leader's propose pipe, handshake done.
+pub struct ProposeConn {
+    stream: BufReader<TcpStream>,
+}
+
+/// Why a propose pipe could not be opened. In every case no write was sent on it.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The TCP connection could not be made.
+    Connect(io::Error),
+    /// The listener closed the connection at the preface: it does not know the propose pipe.
+    NotSupported,
+    /// The handshake broke off or did not come in time.
+    Handshake(io::Error),
+}
+
+impl ProposeConn {
+    /// Connects to the leader's peer port, sends the preface and waits (at most `timeout`) for
+    /// the listener to send it back.
+    pub async fn open(host: &str, port: u16, local_ip: Option<IpAddr>, timeout: Duration) -> Result<ProposeConn, OpenError> {
+        let open = async {
+            let mut stream = rampart_proto::wire::connect(host, port, local_ip).await.map_err(OpenError::Connect)?;
+            stream.write_all(&PROPOSE_PREFACE).await.map_err(OpenError::Handshake)?;
+            let mut echo = [0u8; PROPOSE_PREFACE.len()];
+            match stream.read_exact(&mut echo).await {
+                Ok(_) if echo == PROPOSE_PREFACE => Ok(ProposeConn { stream: BufReader::new(stream) }),
+                Ok(_) => Err(OpenError::Handshake(io::Error::new(io::ErrorKind::InvalidData, "the listener answered the propose preface with other bytes"))),
+                Err(e) if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted) => {
+                    Err(OpenError::NotSupported)
+                }
+                Err(e) => Err(OpenError::Handshake(e)),
+            }
+        };
+        match tokio::time::timeout(timeout, open).await {
+            Ok(r) => r,
+            Err(_) => Err(OpenError::Handshake(io::Error::new(io::ErrorKind::TimedOut, "propose pipe handshake timed out"))),
+        }
+    }
+
+    /// Whether an idle connection still looks usable: the listener has not closed it (a member
+    /// that restarted or stopped) and has sent nothing unasked.
+    pub fn is_open(&self) -> bool {
+        let mut probe = [0u8; 1];
+        self.stream.buffer().is_empty()
+            && matches!(self.stream.get_ref().try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Sends one batch and waits for its answer. Any error leaves the outcome unknown, and the
+    /// connection must not be used again.
+    pub async fn call(&mut self, batch: &[crate::Request]) -> io::Result<ProposeAnswer> {
+        write_frame(self.stream.get_mut(), &batch).await?;
+        read_frame(&mut self.stream).await?.ok_or_else(|| io::ErrorKind::UnexpectedEof.into())
+    }
+}
+
+/// Consumes the preface [`sniff`] saw.
 pub async fn skip_preface(stream: &mut TcpStream) -> io::Result<()> {
     let mut buf = [0u8; PREFACE.len()];
     stream.read_exact(&mut buf).await.map(|_| ())
@@ -199,7 +311,7 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let task = tokio::spawn(async move {
             let (mut stream, _) = listener.accept().await.unwrap();
-            assert!(is_pipe(&stream).await);
+            assert_eq!(sniff(&stream).await, Some(PipeKind::AppendEntries));
             skip_preface(&mut stream).await.unwrap();
             let mut seen = Vec::new();
             while let Some(req) = read_frame::<AppendEntriesRequest<TypeConfig>>(&mut stream).await.unwrap() {
@@ -225,6 +337,69 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn propose_pipe_handshakes_then_answers_batches_in_order() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            assert_eq!(sniff(&stream).await, Some(PipeKind::Propose));
+            skip_preface(&mut stream).await.unwrap();
+            let mut n = 0u8;
+            serve_propose(stream, move |batch: Vec<crate::Request>| {
+                n += 1;
+                let answer: ProposeAnswer = if n == 2 {
+                    Err("refused".into())
+                } else {
+                    Ok(batch.iter().map(|r| match r {
+                        crate::Request::Kv(b) => Ok(vec![n, b.len() as u8]),
+                        _ => Err(rampart_core::EtcdError::NotLeader),
+                    }).collect())
+                };
+                async move { answer }
+            })
+            .await
+        });
+        let mut conn = ProposeConn::open("127.0.0.1", port, None, Duration::from_secs(5)).await.unwrap();
+        let batch = [crate::Request::Kv(vec![0; 3]), crate::Request::Kv(vec![0; 5])];
+        assert_eq!(conn.call(&batch).await.unwrap(), Ok(vec![Ok(vec![1, 3]), Ok(vec![1, 5])]));
+        assert_eq!(conn.call(&batch[..1]).await.unwrap(), Err("refused".to_string()));
+        assert_eq!(conn.call(&batch[1..]).await.unwrap(), Ok(vec![Ok(vec![3, 5])]));
+        drop(conn);
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_propose_pipe_that_cannot_open_has_sent_nothing() {
+        // Refused: a connect error.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let err = ProposeConn::open("127.0.0.1", port, None, Duration::from_secs(5)).await.err().unwrap();
+        assert!(matches!(err, OpenError::Connect(_)), "{err:?}");
+
+        // A listener that predates the propose pipe closes it at the preface.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 8];
+            stream.read_exact(&mut buf).await.unwrap();
+        });
+        let err = ProposeConn::open("127.0.0.1", port, None, Duration::from_secs(5)).await.err().unwrap();
+        assert!(matches!(err, OpenError::NotSupported), "{err:?}");
+
+        // One that never answers: the handshake times out.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let _keep = tokio::spawn(async move {
+            let (_stream, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let err = ProposeConn::open("127.0.0.1", port, None, Duration::from_millis(200)).await.err().unwrap();
+        assert!(matches!(err, OpenError::Handshake(_)), "{err:?}");
+    }
+
+    #[tokio::test]
     async fn http2_connections_are_not_pipes_and_keep_their_bytes() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -232,7 +407,7 @@ mod tests {
         let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
         client.write_all(preface).await.unwrap();
         let (mut server, _) = listener.accept().await.unwrap();
-        assert!(!is_pipe(&server).await);
+        assert_eq!(sniff(&server).await, None);
         let mut got = vec![0u8; preface.len()];
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, preface);
@@ -240,7 +415,7 @@ mod tests {
         let client = TcpStream::connect(addr).await.unwrap();
         drop(client);
         let (server, _) = listener.accept().await.unwrap();
-        assert!(!is_pipe(&server).await);
+        assert_eq!(sniff(&server).await, None);
     }
 
     #[tokio::test]

@@ -8,13 +8,24 @@
 //! Batches form by themselves: a sender takes whatever is queued when it gets one of the
 //! [`limits::FORWARD_BATCHES_IN_FLIGHT`] slots, so an idle member sends each write at once, and a
 //! busy one sends bigger batches while earlier ones are in flight.
+//!
+//! A batch travels on the leader's propose pipe (`rampart_raft::pipe`, one connection per batch
+//! in flight, kept for the next) rather than as a gRPC call, which costs both ends an HTTP/2
+//! stream and two task hand-offs. Whether a failed batch may be retried is decided from the
+//! status the caller gets, so the pipe words its failures as gRPC did: a connection that could
+//! not be made, or a handshake that did not complete (no write was sent on it), is `Unavailable`
+//! and says "tcp connect error" or "(connect)"; anything after the batch was written is
+//! `Unknown` or `DeadlineExceeded`, never retried. A leader that does not know the pipe gets gRPC
+//! calls for [`PIPE_RETRY`].
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rampart_core::{limits, EtcdError};
 use rampart_proto::rampartpb::peer_client::PeerClient;
 use rampart_raft::network::{self, RpcKind};
+use rampart_raft::pipe::{OpenError, ProposeConn};
 use rampart_raft::Request;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::Channel;
@@ -34,10 +45,86 @@ pub struct Forwarder {
     tx: mpsc::Sender<Pending>,
 }
 
+/// How long a leader that closed the propose pipe at its preface is sent gRPC calls instead.
+pub const PIPE_RETRY: Duration = Duration::from_secs(30);
+
+/// Where the leader's propose pipe is: its peer listener.
+#[derive(Debug, Clone)]
+pub struct PipeTarget {
+    pub host: String,
+    pub port: u16,
+    /// The address this member's peer connections leave from.
+    pub local_ip: Option<IpAddr>,
+}
+
+/// How batches reach one leader.
+struct Transport {
+    client: PeerClient<Channel>,
+    pipe: Option<PipeTarget>,
+    /// Propose pipe connections between batches (at most one per batch in flight).
+    idle: Mutex<Vec<ProposeConn>>,
+    /// Until then the leader is taken not to know the propose pipe.
+    grpc_until: Mutex<Option<Instant>>,
+    timeout: Duration,
+}
+
+type BatchAnswer = Result<Result<Vec<Result<Vec<u8>, EtcdError>>, String>, tonic::Status>;
+
+impl Transport {
+    async fn send(&self, reqs: &[Request]) -> BatchAnswer {
+        if let Some(target) = self.pipe_now() {
+            let idle = loop {
+                match self.idle.lock().unwrap().pop() {
+                    Some(conn) if conn.is_open() => break Some(conn),
+                    Some(_closed) => continue,
+                    None => break None,
+                }
+            };
+            let conn = match idle {
+                Some(conn) => Ok(conn),
+                None => ProposeConn::open(&target.host, target.port, target.local_ip, self.timeout).await,
+            };
+            match conn {
+                Ok(mut conn) => {
+                    return match tokio::time::timeout(self.timeout, conn.call(reqs)).await {
+                        Ok(Ok(answer)) => {
+                            self.idle.lock().unwrap().push(conn);
+                            Ok(answer)
+                        }
+                        Ok(Err(e)) => Err(tonic::Status::unknown(format!("forwarded writes: the propose pipe broke after the batch was sent, outcome unknown: {e}"))),
+                        Err(_) => Err(tonic::Status::deadline_exceeded("forwarded writes: no answer on the propose pipe in time, outcome unknown")),
+                    };
+                }
+                Err(OpenError::Connect(e)) => return Err(tonic::Status::unavailable(format!("tcp connect error: {e}"))),
+                Err(OpenError::Handshake(e)) => {
+                    return Err(tonic::Status::unavailable(format!("propose pipe handshake failed (connect), the writes were not sent: {e}")))
+                }
+                Err(OpenError::NotSupported) => {
+                    tracing::info!(host = %target.host, port = target.port, "the leader does not know the propose pipe; forwarding over gRPC");
+                    *self.grpc_until.lock().unwrap() = Some(Instant::now() + PIPE_RETRY);
+                }
+            }
+        }
+        network::call::<_, Vec<Result<Vec<u8>, EtcdError>>>(&mut self.client.clone(), RpcKind::ProposeBatch, &reqs, self.timeout).await
+    }
+
+    fn pipe_now(&self) -> Option<&PipeTarget> {
+        let mut until = self.grpc_until.lock().unwrap();
+        match *until {
+            Some(t) if Instant::now() < t => return None,
+            Some(_) => *until = None,
+            None => {}
+        }
+        self.pipe.as_ref()
+    }
+}
+
 impl Forwarder {
-    pub fn new(client: PeerClient<Channel>, timeout: Duration) -> Forwarder {
+    /// Batches towards the leader at `client`, on its propose pipe at `pipe` when given.
+    pub fn new(client: PeerClient<Channel>, pipe: Option<PipeTarget>, timeout: Duration) -> Forwarder {
         let (tx, rx) = mpsc::channel(limits::FORWARD_QUEUE_REQUESTS);
-        tokio::spawn(run(client, rx, timeout));
+        let transport = Transport { client, pipe, idle: Mutex::new(Vec::new()), grpc_until: Mutex::new(None), timeout };
+        tokio::spawn(run(Arc::new(transport), rx));
         Forwarder { tx }
     }
 
@@ -60,7 +147,7 @@ fn request_bytes(req: &Request) -> usize {
     }
 }
 
-async fn run(client: PeerClient<Channel>, mut rx: mpsc::Receiver<Pending>, timeout: Duration) {
+async fn run(transport: Arc<Transport>, mut rx: mpsc::Receiver<Pending>) {
     let slots = Arc::new(Semaphore::new(limits::FORWARD_BATCHES_IN_FLIGHT));
     let mut carry: Option<Pending> = None;
     loop {
@@ -87,13 +174,12 @@ async fn run(client: PeerClient<Channel>, mut rx: mpsc::Receiver<Pending>, timeo
                 Err(_) => break,
             }
         }
-        let mut client = client.clone();
+        let transport = transport.clone();
         tokio::spawn(async move {
             let (reqs, replies): (Vec<Request>, Vec<oneshot::Sender<ForwardResult>>) =
                 batch.into_iter().map(|p| (p.req, p.reply)).unzip();
             let n = reqs.len();
-            let outcome =
-                network::call::<_, Vec<Result<Vec<u8>, EtcdError>>>(&mut client, RpcKind::ProposeBatch, &reqs, timeout).await;
+            let outcome = transport.send(&reqs).await;
             drop(slot);
             match outcome {
                 Ok(Ok(results)) if results.len() == n => {

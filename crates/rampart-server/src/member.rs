@@ -225,15 +225,19 @@ impl Member {
         m.current_leader.filter(|l| *l == self.id || m.membership_config.get_node(l).is_some())
     }
 
+    /// The first peer URL of member `id`, from the membership.
+    fn peer_url(&self, id: MemberId) -> Result<String, EtcdError> {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let node = metrics.membership_config.get_node(&id).ok_or(EtcdError::NoLeader)?;
+        node.peer_urls.first().cloned().ok_or(EtcdError::NoLeader)
+    }
+
     fn peer(&self, id: MemberId) -> Result<PeerClient<Channel>, EtcdError> {
         let mut peers = self.peers.lock().unwrap();
         if let Some(c) = peers.get(&id) {
             return Ok(c.clone());
         }
-        let metrics = self.raft.metrics().borrow_watched().clone();
-        let node = metrics.membership_config.get_node(&id).cloned().ok_or(EtcdError::NoLeader)?;
-        let url = node.peer_urls.first().ok_or(EtcdError::NoLeader)?;
-        let client = network::peer_client(url, self.local_ip).map_err(EtcdError::internal)?;
+        let client = network::peer_client(&self.peer_url(id)?, self.local_ip).map_err(EtcdError::internal)?;
         peers.insert(id, client.clone());
         Ok(client)
     }
@@ -298,7 +302,10 @@ impl Member {
             return Ok(f.clone());
         }
         let client = self.peer(id)?;
-        let f = Arc::new(Forwarder::new(client, FORWARD_TIMEOUT));
+        let pipe = self.peer_url(id)?.parse::<tonic::transport::Uri>().ok().and_then(|uri| rampart_proto::wire::host_port(&uri)).map(|(host, port)| {
+            crate::forward::PipeTarget { host, port, local_ip: self.local_ip }
+        });
+        let f = Arc::new(Forwarder::new(client, pipe, FORWARD_TIMEOUT));
         self.forwarders.lock().unwrap().entry(id).or_insert(f.clone());
         Ok(f)
     }
@@ -703,5 +710,50 @@ mod tests {
         // An answer that never comes is not such a case: the write may have been applied.
         assert!(!never_sent(&tonic::Status::unavailable("connection reset by peer")));
         assert!(!never_sent(&tonic::Status::deadline_exceeded("timeout expired")));
+    }
+
+    /// A forwarder to 127.0.0.1:`port`, on the propose pipe.
+    fn forwarder(port: u16) -> Forwarder {
+        let client = network::peer_client(&format!("http://127.0.0.1:{port}"), None).unwrap();
+        let pipe = crate::forward::PipeTarget { host: "127.0.0.1".into(), port, local_ip: None };
+        Forwarder::new(client, Some(pipe), Duration::from_secs(2))
+    }
+
+    #[tokio::test]
+    async fn forwarded_writes_on_the_propose_pipe_are_retried_only_when_not_sent() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Nobody listens: never sent.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let status = forwarder(port).send(Request::Kv(vec![1])).await.expect_err("nothing listens there");
+        assert!(never_sent(&status), "{status:?}");
+
+        // A listener that takes the connection and never completes the handshake: never sent.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let silent = tokio::spawn(async move {
+            let (_stream, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let status = forwarder(port).send(Request::Kv(vec![1])).await.expect_err("no handshake");
+        assert!(never_sent(&status), "{status:?}");
+        silent.abort();
+
+        // A leader that takes the batch and dies before answering: the outcome is unknown.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let dies = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut preface = [0u8; 8];
+            stream.read_exact(&mut preface).await.unwrap();
+            assert_eq!(preface, rampart_raft::pipe::PROPOSE_PREFACE);
+            stream.write_all(&preface).await.unwrap();
+            let mut len = [0u8; 4];
+            stream.read_exact(&mut len).await.unwrap();
+            let mut frame = vec![0u8; u32::from_le_bytes(len) as usize];
+            stream.read_exact(&mut frame).await.unwrap();
+        });
+        let status = forwarder(port).send(Request::Kv(vec![1])).await.expect_err("no answer");
+        assert!(!never_sent(&status), "{status:?}");
+        dies.await.unwrap();
     }
 }

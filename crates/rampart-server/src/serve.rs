@@ -10,6 +10,7 @@ use rampart_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use rampart_proto::etcdserverpb::watch_server::WatchServer;
 use rampart_proto::rampartpb::peer_server::PeerServer;
 use rampart_raft::network::MAX_PEER_MESSAGE_BYTES;
+use rampart_raft::pipe::{self, PipeKind};
 use rampart_proto::wire::BatchedWrites;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -59,7 +60,7 @@ fn client_incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io
 /// its own task, so one slow to send its first bytes holds up no other.
 fn peer_incoming(
     listener: TcpListener,
-    raft: rampart_raft::Raft,
+    member: Arc<Member>,
     mut stop: watch::Receiver<bool>,
 ) -> impl futures::Stream<Item = std::io::Result<TcpStream>> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<TcpStream>>(limits::PEER_ACCEPT_QUEUE);
@@ -79,24 +80,38 @@ fn peer_incoming(
                 }
             };
             let _ = stream.set_nodelay(true);
-            let (tx, raft, mut stop) = (tx.clone(), raft.clone(), stop.clone());
+            let (tx, member, mut stop) = (tx.clone(), member.clone(), stop.clone());
             tokio::spawn(async move {
                 let mut stream = stream;
-                if rampart_raft::pipe::is_pipe(&stream).await {
-                    let served = async { rampart_raft::pipe::skip_preface(&mut stream).await?; rampart_raft::pipe::serve(stream, raft).await };
-                    tokio::select! {
-                        _ = stop.wait_for(|s| *s) => {}
-                        r = served => if let Err(e) = r {
-                            tracing::debug!(%e, "AppendEntries pipe closed");
-                        },
-                    }
-                } else {
+                let Some(kind) = pipe::sniff(&stream).await else {
                     let _ = tx.send(Ok(stream)).await;
+                    return;
+                };
+                let served = async {
+                    pipe::skip_preface(&mut stream).await?;
+                    match kind {
+                        PipeKind::AppendEntries => pipe::serve(stream, member.raft.clone()).await,
+                        PipeKind::Propose => pipe::serve_propose(stream, |batch| propose_batch(&member, batch)).await,
+                    }
+                };
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => {}
+                    r = served => if let Err(e) = r {
+                        tracing::debug!(%e, ?kind, "peer pipe closed");
+                    },
                 }
             });
         }
     });
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// A batch of writes forwarded on a propose pipe, as the gRPC `ProposeBatch` call handles it.
+async fn propose_batch(member: &Member, batch: Vec<rampart_raft::Request>) -> pipe::ProposeAnswer {
+    if batch.len() > limits::FORWARD_BATCH_REQUESTS {
+        return Err(format!("a forwarded batch holds at most {} writes", limits::FORWARD_BATCH_REQUESTS));
+    }
+    Ok(member.propose_local_many(batch).await)
 }
 
 async fn bind(url: &str) -> Result<TcpListener, StartError> {
@@ -128,7 +143,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
         let mut rx = stop_rx.clone();
-        let grpc_conns = peer_incoming(listener, member.raft.clone(), stop_rx.clone());
+        let grpc_conns = peer_incoming(listener, member.clone(), stop_rx.clone());
         tasks.push(tokio::spawn(async move {
             let r = Server::builder()
                 .tcp_nodelay(true)
