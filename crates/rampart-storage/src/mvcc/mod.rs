@@ -222,7 +222,12 @@ pub struct Mvcc {
     leases: RwLock<lease::LeaseIndex>,
     /// Every key's versions (see `index`). Lock order: `writing`, `leases`, then this.
     index: RwLock<KeyIndex>,
+    /// Bumped, with `index` write-locked, each time the index is rebuilt (see `Mvcc::read`).
+    index_generation: std::sync::atomic::AtomicU64,
 }
+
+/// How many times a read runs when the key index is rebuilt under it (see `Mvcc::read`).
+const READ_ATTEMPTS: u32 = 3;
 
 fn read_meta_revs(
     meta: &impl ReadableTable<&'static str, &'static [u8]>,
@@ -301,6 +306,7 @@ impl Mvcc {
             writing: Mutex::new(()),
             leases: RwLock::new(leases),
             index: RwLock::new(index),
+            index_generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -312,6 +318,7 @@ impl Mvcc {
     ) -> Result<(), MvccError> {
         let txn = self.db.begin_read()?;
         (*index, *leases) = load_indexes(&txn, leases.seq())?;
+        self.index_generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
@@ -323,34 +330,49 @@ impl Mvcc {
     /// The header has only `revision` filled: the newest revision at read time.
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, EtcdError> {
         validate::range(req)?;
-        let txn = self.db.begin_read().map_err(storage_failed)?;
-        let run = || -> Result<RangeResponse, Fail> {
+        self.read(|txn, index| {
             let (current, compact) = read_meta_revs(&txn.open_table(META)?)?;
             let kv = txn.open_table(KV_BY_REV)?;
             let view = View {
                 kv: &kv,
-                index: &self.index,
+                index,
             };
             read::range_request(&view, req, current, compact)
-        };
-        run().map_err(Fail::into_etcd)
+        })
+    }
+
+    /// Runs `f` on a read transaction and the key index. If the index was rebuilt meanwhile (a
+    /// snapshot restored: the transaction and the index may then describe different stores), the
+    /// read runs again; the last of [`READ_ATTEMPTS`] holds the index for its whole length, which
+    /// keeps a restore out (a restore holds the index exclusively from before it replaces the
+    /// store until the index is rebuilt).
+    fn read<R>(&self, f: impl Fn(&redb::ReadTransaction, &read::IndexAccess<'_>) -> Result<R, Fail>) -> Result<R, EtcdError> {
+        for _ in 1..READ_ATTEMPTS {
+            let generation = self.index_generation.load(Ordering::Acquire);
+            let txn = self.db.begin_read().map_err(storage_failed)?;
+            let result = f(&txn, &read::IndexAccess::Shared(&self.index));
+            if generation == self.index_generation.load(Ordering::Acquire) {
+                return result.map_err(Fail::into_etcd);
+            }
+        }
+        let index = self.index.read().unwrap_or_else(PoisonError::into_inner);
+        let txn = self.db.begin_read().map_err(storage_failed)?;
+        f(&txn, &read::IndexAccess::Held(&index)).map_err(Fail::into_etcd)
     }
 
     /// A txn that only reads (ranges and nested read-only txns, in both branches), served from
     /// the committed state without going through the log, as etcd serves read-only txns. A txn
     /// that writes is refused with InvalidArgument. Header as in [`Mvcc::range`].
     pub fn read_txn(&self, req: &TxnRequest) -> Result<TxnResponse, EtcdError> {
-        let txn = self.db.begin_read().map_err(storage_failed)?;
-        let run = || -> Result<TxnResponse, Fail> {
+        self.read(|txn, index| {
             let (current, compact) = read_meta_revs(&txn.open_table(META)?)?;
             let kv = txn.open_table(KV_BY_REV)?;
             let view = View {
                 kv: &kv,
-                index: &self.index,
+                index,
             };
             write::read_only_txn(&view, req, current, compact)
-        };
-        run().map_err(Fail::into_etcd)
+        })
     }
 
     /// Applies a batch of committed raft entries in a redb write transaction, together with
@@ -533,8 +555,7 @@ impl Mvcc {
     /// gone and its puts lack `prev_kv`. A caller that needs every change (the backup
     /// archiver) should insist on `after_rev >= compact_revision()`.
     pub fn events_since(&self, after_rev: i64, limit: usize) -> Result<Vec<Event>, EtcdError> {
-        let txn = self.db.begin_read().map_err(storage_failed)?;
-        let run = || -> Result<Vec<Event>, Fail> {
+        self.read(|txn, index| {
             let (_, compact) = read_meta_revs(&txn.open_table(META)?)?;
             let after_rev = after_rev.max(0);
             if after_rev.saturating_add(1) < compact {
@@ -543,7 +564,7 @@ impl Mvcc {
             let kv = txn.open_table(KV_BY_REV)?;
             let view = View {
                 kv: &kv,
-                index: &self.index,
+                index,
             };
             let start = Rev {
                 main: after_rev.saturating_add(1),
@@ -573,8 +594,7 @@ impl Mvcc {
                 events.append(&mut pending);
             }
             Ok(events)
-        };
-        run().map_err(Fail::into_etcd)
+        })
     }
 }
 

@@ -39,6 +39,21 @@ impl IndexRead for RwLock<KeyIndex> {
     }
 }
 
+/// The index as a reader has it: locked for each lookup, or held for a whole read.
+pub(crate) enum IndexAccess<'a> {
+    Shared(&'a RwLock<KeyIndex>),
+    Held(&'a KeyIndex),
+}
+
+impl IndexRead for IndexAccess<'_> {
+    fn with<R>(&self, f: impl FnOnce(&KeyIndex) -> R) -> R {
+        match self {
+            IndexAccess::Shared(lock) => lock.with(f),
+            IndexAccess::Held(index) => f(index),
+        }
+    }
+}
+
 /// What reads need: one transaction's `kv_by_rev` table, and the key index to find versions in it.
 pub(crate) struct View<'a, T, I> {
     pub kv: &'a T,
