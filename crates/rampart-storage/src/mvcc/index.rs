@@ -12,6 +12,8 @@
 //! index carries the compaction revision it has applied ([`KeyIndex::compacted`]), and a read
 //! below it is refused as compacted, as etcd refuses it.
 
+use std::borrow::Borrow;
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
@@ -43,10 +45,69 @@ struct Key {
     newest: Option<Newest>,
 }
 
+/// Keys up to this long are stored inside the index's B-tree nodes.
+const INLINE_KEY_BYTES: usize = 22;
+
+/// A key as the index holds it: short keys inline, so that a lookup compares bytes already in the
+/// node it is reading instead of following a pointer per comparison (that was 3–4% of a
+/// follower's CPU under put-64), and costs no allocation of its own; longer keys on the heap.
+#[derive(Clone)]
+enum IndexKey {
+    Inline { len: u8, bytes: [u8; INLINE_KEY_BYTES] },
+    Heap(Box<[u8]>),
+}
+
+impl IndexKey {
+    fn new(key: &[u8]) -> IndexKey {
+        if key.len() <= INLINE_KEY_BYTES {
+            let mut bytes = [0u8; INLINE_KEY_BYTES];
+            bytes[..key.len()].copy_from_slice(key);
+            IndexKey::Inline { len: key.len() as u8, bytes }
+        } else {
+            IndexKey::Heap(key.into())
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            IndexKey::Inline { len, bytes } => &bytes[..*len as usize],
+            IndexKey::Heap(b) => b,
+        }
+    }
+}
+
+// Equality and order are those of the bytes, as `Borrow<[u8]>` requires.
+impl PartialEq for IndexKey {
+    fn eq(&self, other: &IndexKey) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+impl Eq for IndexKey {}
+impl PartialOrd for IndexKey {
+    fn partial_cmp(&self, other: &IndexKey) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for IndexKey {
+    fn cmp(&self, other: &IndexKey) -> Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+impl Borrow<[u8]> for IndexKey {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+impl std::fmt::Debug for IndexKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(self.as_bytes()))
+    }
+}
+
 /// Every key with its stored versions.
 #[derive(Debug)]
 pub(crate) struct KeyIndex {
-    keys: BTreeMap<Box<[u8]>, Key>,
+    keys: BTreeMap<IndexKey, Key>,
     /// The compaction revision applied to the index, -1 if none (etcd's `compactMainRev`).
     compacted: i64,
 }
@@ -86,7 +147,7 @@ impl KeyIndex {
             }
             None => {
                 self.keys.insert(
-                    key.into(),
+                    IndexKey::new(key),
                     Key {
                         versions: vec![version],
                         newest: put,
@@ -121,7 +182,7 @@ impl KeyIndex {
         let (start, end) = match span {
             Span::Single(key) => {
                 if let Some((key, k)) = self.keys.get_key_value(key) {
-                    add(key, k);
+                    add(key.as_bytes(), k);
                 }
                 return live;
             }
@@ -133,7 +194,7 @@ impl KeyIndex {
             .keys
             .range::<[u8], _>((Bound::Included(start), end))
         {
-            add(key, k);
+            add(key.as_bytes(), k);
         }
         live
     }
@@ -238,5 +299,23 @@ mod tests {
         assert_eq!(ix.newest(b"a", i64::MAX), None);
         assert_eq!(ix.compact_key(b"b", 5), vec![]);
         assert_eq!(ix.key_count(), 2);
+    }
+
+    #[test]
+    fn inline_and_heap_keys_order_as_their_bytes() {
+        let long = |c: u8| vec![c; INLINE_KEY_BYTES + 1];
+        let keys: Vec<Vec<u8>> = vec![b"b".to_vec(), long(b'a'), b"a".to_vec(), long(b'b'), vec![b'a'; INLINE_KEY_BYTES], vec![]];
+        let mut ix = KeyIndex::new(-1);
+        for (i, k) in keys.iter().enumerate() {
+            push(&mut ix, k, v(i as i64 + 2, 0, false));
+        }
+        let mut want = keys.clone();
+        want.sort();
+        let live = ix.live(Span::From(b""), i64::MAX, usize::MAX);
+        assert_eq!(live.first.into_iter().map(|(k, _)| k).collect::<Vec<_>>(), want);
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(ix.newest(k, i64::MAX).map(|v| v.rev.main), Some(i as i64 + 2));
+        }
+        assert_eq!(ix.newest(&long(b'c'), i64::MAX), None);
     }
 }
