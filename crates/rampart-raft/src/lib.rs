@@ -59,8 +59,9 @@ impl fmt::Display for PeerNode {
 pub enum Request {
     /// An etcd write: `rampartpb::Command` encoded with prost (put, delete, txn, compaction).
     /// Kept encoded so the log holds exactly the bytes a client sent, and so the hot path does not
-    /// decode and re-encode.
-    Kv(Vec<u8>),
+    /// decode and re-encode. Serialized as one byte string (`codec::byte_string`), which in
+    /// postcard is the same bytes as the element-by-element form it replaced.
+    Kv(#[serde(with = "codec::byte_string")] Vec<u8>),
     /// A member announces its client URLs, as etcd members publish their attributes after start;
     /// `MemberList` shows them.
     PublishMember { id: MemberId, name: String, client_urls: Vec<String> },

@@ -45,6 +45,10 @@ use tokio::net::TcpStream;
 use crate::network::MAX_PEER_MESSAGE_BYTES;
 use crate::{codec, Raft, TypeConfig};
 
+/// Room reserved for a frame before encoding it (an AppendEntries under load carries a few
+/// entries of a few hundred bytes).
+const FRAME_RESERVE_BYTES: usize = 4096;
+
 /// First bytes of a pipe connection: magic and format version.
 pub const PREFACE: [u8; 8] = *b"RPPIPE01";
 /// First bytes of a propose pipe connection, sent back by the listener as its handshake.
@@ -258,14 +262,16 @@ pub async fn skip_preface(stream: &mut TcpStream) -> io::Result<()> {
 }
 
 async fn write_frame<T: Serialize>(w: &mut (impl AsyncWriteExt + Unpin), value: &T) -> io::Result<()> {
-    let payload = codec::encode(value);
-    let len = u32::try_from(payload.len())
+    // The payload is encoded behind room for its length, which is filled in after.
+    let mut frame = Vec::with_capacity(FRAME_RESERVE_BYTES);
+    frame.extend_from_slice(&[0u8; 4]);
+    let mut frame = codec::encode_after(frame, value);
+    let payload_len = frame.len() - 4;
+    let len = u32::try_from(payload_len)
         .ok()
         .filter(|&l| l as usize <= MAX_PEER_MESSAGE_BYTES)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("a {}-byte pipe frame is over the peer message limit", payload.len())))?;
-    let mut frame = Vec::with_capacity(4 + payload.len());
-    frame.extend_from_slice(&len.to_le_bytes());
-    frame.extend_from_slice(&payload);
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("a {payload_len}-byte pipe frame is over the peer message limit")))?;
+    frame[..4].copy_from_slice(&len.to_le_bytes());
     w.write_all(&frame).await
 }
 
