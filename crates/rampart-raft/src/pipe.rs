@@ -311,10 +311,28 @@ mod tests {
         }
     }
 
-    /// A listener that answers pipe requests as a follower would, counting connections.
-    async fn follower() -> (u16, tokio::task::JoinHandle<(usize, Vec<u64>)>) {
+    /// A listener on a free loopback port.
+    async fn listen() -> (TcpListener, u16) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        (listener, port)
+    }
+
+    /// A listener that behaves as a member without the pipes: an older member's gRPC server
+    /// reads the first bytes and closes a connection whose preface is not HTTP/2's.
+    async fn predating_listener() -> u16 {
+        let (listener, port) = listen().await;
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 8];
+            stream.read_exact(&mut buf).await.unwrap();
+        });
+        port
+    }
+
+    /// A listener that answers pipe requests as a follower would, counting connections.
+    async fn follower() -> (u16, tokio::task::JoinHandle<(usize, Vec<u64>)>) {
+        let (listener, port) = listen().await;
         let task = tokio::spawn(async move {
             let (mut stream, _) = listener.accept().await.unwrap();
             assert_eq!(sniff(&stream).await, Some(PipeKind::AppendEntries));
@@ -344,8 +362,7 @@ mod tests {
 
     #[tokio::test]
     async fn propose_pipe_handshakes_then_answers_batches_in_order() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (listener, port) = listen().await;
         let server = tokio::spawn(async move {
             let (mut stream, _) = listener.accept().await.unwrap();
             assert_eq!(sniff(&stream).await, Some(PipeKind::Propose));
@@ -377,26 +394,18 @@ mod tests {
     #[tokio::test]
     async fn a_propose_pipe_that_cannot_open_has_sent_nothing() {
         // Refused: a connect error.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (listener, port) = listen().await;
         drop(listener);
         let err = ProposeConn::open("127.0.0.1", port, None, Duration::from_secs(5)).await.err().unwrap();
         assert!(matches!(err, OpenError::Connect(_)), "{err:?}");
 
         // A listener that predates the propose pipe closes it at the preface.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut buf = [0u8; 8];
-            stream.read_exact(&mut buf).await.unwrap();
-        });
+        let port = predating_listener().await;
         let err = ProposeConn::open("127.0.0.1", port, None, Duration::from_secs(5)).await.err().unwrap();
         assert!(matches!(err, OpenError::NotSupported), "{err:?}");
 
         // One that never answers: the handshake times out.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (listener, port) = listen().await;
         let _keep = tokio::spawn(async move {
             let (_stream, _) = listener.accept().await.unwrap();
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -426,14 +435,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_listener_that_predates_the_pipe_is_recognised() {
-        // An older member's gRPC server closes a connection whose preface is not HTTP/2's.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut buf = [0u8; 8];
-            stream.read_exact(&mut buf).await.unwrap();
-        });
+        let port = predating_listener().await;
         let mut pipe = PipeClient::connect("127.0.0.1", port, None).await.unwrap();
         assert!(matches!(pipe.append_entries(&request(1)).await, Err(PipeError::NotSupported)));
     }
@@ -441,8 +443,7 @@ mod tests {
     #[tokio::test]
     async fn an_oversized_or_undecodable_answer_is_a_protocol_error() {
         for bad in [u32::MAX.to_le_bytes().to_vec(), [3u32.to_le_bytes().to_vec(), vec![0xff; 3]].concat()] {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let port = listener.local_addr().unwrap().port();
+            let (listener, port) = listen().await;
             tokio::spawn(async move {
                 let (mut stream, _) = listener.accept().await.unwrap();
                 skip_preface(&mut stream).await.unwrap();

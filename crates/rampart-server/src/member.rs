@@ -310,6 +310,15 @@ impl Member {
         Ok(f)
     }
 
+    /// A batch a follower forwarded, as it arrived over the propose pipe or gRPC: refused whole
+    /// (`Err`, nothing proposed) if it holds more writes than a follower sends at once.
+    pub async fn propose_forwarded(&self, reqs: Vec<Request>) -> Result<Vec<Result<Vec<u8>, EtcdError>>, String> {
+        if reqs.len() > limits::FORWARD_BATCH_REQUESTS {
+            return Err(format!("a forwarded batch holds at most {} writes", limits::FORWARD_BATCH_REQUESTS));
+        }
+        Ok(self.propose_local_many(reqs).await)
+    }
+
     /// A batch of writes forwarded by a follower, on this member as leader: one raft submission
     /// for all of them, one result per write, in order. `NotLeader` means that write was not
     /// appended.

@@ -54,10 +54,7 @@ impl Peer for PeerService {
             }
             Some(RpcKind::ProposeBatch) => {
                 let reqs: Vec<rampart_raft::Request> = decode(p).map_err(bad)?;
-                if reqs.len() > rampart_core::limits::FORWARD_BATCH_REQUESTS {
-                    return Err(Status::invalid_argument(format!("a forwarded batch holds at most {} writes", rampart_core::limits::FORWARD_BATCH_REQUESTS)));
-                }
-                let r = self.member.propose_local_many(reqs).await;
+                let r = self.member.propose_forwarded(reqs).await.map_err(Status::invalid_argument)?;
                 reply::<_, String>(Ok(r))
             }
             Some(RpcKind::Admin) => {

@@ -91,7 +91,7 @@ fn peer_incoming(
                     pipe::skip_preface(&mut stream).await?;
                     match kind {
                         PipeKind::AppendEntries => pipe::serve(stream, member.raft.clone()).await,
-                        PipeKind::Propose => pipe::serve_propose(stream, |batch| propose_batch(&member, batch)).await,
+                        PipeKind::Propose => pipe::serve_propose(stream, |batch| member.propose_forwarded(batch)).await,
                     }
                 };
                 tokio::select! {
@@ -104,14 +104,6 @@ fn peer_incoming(
         }
     });
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-}
-
-/// A batch of writes forwarded on a propose pipe, as the gRPC `ProposeBatch` call handles it.
-async fn propose_batch(member: &Member, batch: Vec<rampart_raft::Request>) -> pipe::ProposeAnswer {
-    if batch.len() > limits::FORWARD_BATCH_REQUESTS {
-        return Err(format!("a forwarded batch holds at most {} writes", limits::FORWARD_BATCH_REQUESTS));
-    }
-    Ok(member.propose_local_many(batch).await)
 }
 
 async fn bind(url: &str) -> Result<TcpListener, StartError> {

@@ -132,6 +132,32 @@ pub(crate) fn split_kv_key(k: &[u8]) -> Result<(&[u8], Rev), MvccError> {
     ))
 }
 
+/// A put's fields, in both formats: `be(create) be(version) be(lease)`, then the value.
+const PUT_FIELDS_BYTES: usize = 24;
+
+fn put_fields(v: &mut Vec<u8>, create_revision: i64, version: i64, lease: i64, value: &[u8]) {
+    v.extend_from_slice(&create_revision.to_be_bytes());
+    v.extend_from_slice(&version.to_be_bytes());
+    v.extend_from_slice(&lease.to_be_bytes());
+    v.extend_from_slice(value);
+}
+
+/// Create revision, version and lease of put fields at least [`PUT_FIELDS_BYTES`] long.
+fn put_meta(fields: &[u8]) -> (i64, i64, i64) {
+    let int = |at: usize| i64::from_be_bytes(fields[at..at + 8].try_into().expect("8 bytes"));
+    (int(0), int(8), int(16))
+}
+
+fn put_record(fields: &[u8]) -> Record {
+    let (create_revision, version, lease) = put_meta(fields);
+    Record::Put {
+        create_revision,
+        version,
+        lease,
+        value: fields[PUT_FIELDS_BYTES..].to_vec(),
+    }
+}
+
 /// What a `kv` entry holds: a live version of the key, or the tombstone of a delete.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Record {
@@ -157,13 +183,10 @@ impl Record {
                 lease,
                 value,
             } => {
-                let mut v = Vec::with_capacity(2 + 24 + value.len());
+                let mut v = Vec::with_capacity(2 + PUT_FIELDS_BYTES + value.len());
                 v.push(RECORD_V1);
                 v.push(KIND_PUT);
-                v.extend_from_slice(&create_revision.to_be_bytes());
-                v.extend_from_slice(&version.to_be_bytes());
-                v.extend_from_slice(&lease.to_be_bytes());
-                v.extend_from_slice(value);
+                put_fields(&mut v, *create_revision, *version, *lease, value);
                 v
             }
         }
@@ -173,19 +196,13 @@ impl Record {
         if is_tombstone(v)? {
             return Ok(Record::Tombstone);
         }
-        if v.len() < 26 {
+        if v.len() < 2 + PUT_FIELDS_BYTES {
             return Err(MvccError::Corrupt(format!(
                 "kv record of {} bytes is too short",
                 v.len()
             )));
         }
-        let int = |at: usize| i64::from_be_bytes(v[at..at + 8].try_into().expect("8 bytes"));
-        Ok(Record::Put {
-            create_revision: int(2),
-            version: int(10),
-            lease: int(18),
-            value: v[26..].to_vec(),
-        })
+        Ok(put_record(&v[2..]))
     }
 
     /// The record as etcd's KeyValue, given where it is stored. None for a tombstone.
@@ -236,31 +253,18 @@ impl Entry<'_> {
         if self.tombstone {
             return Record::Tombstone;
         }
-        let int = |at: usize| i64::from_be_bytes(self.fields[at..at + 8].try_into().expect("8 bytes"));
-        Record::Put {
-            create_revision: int(0),
-            version: int(8),
-            lease: int(16),
-            value: self.fields[24..].to_vec(),
-        }
+        put_record(self.fields)
     }
 
     /// A put's create revision, version and lease (without copying the value); None for a
     /// tombstone.
     pub fn put_meta(&self) -> Option<(i64, i64, i64)> {
-        if self.tombstone {
-            return None;
-        }
-        let int = |at: usize| i64::from_be_bytes(self.fields[at..at + 8].try_into().expect("8 bytes"));
-        Some((int(0), int(8), int(16)))
+        (!self.tombstone).then(|| put_meta(self.fields))
     }
 
     /// The lease of a put (0 for a tombstone), without copying the value.
     pub fn lease(&self) -> i64 {
-        if self.tombstone {
-            return 0;
-        }
-        i64::from_be_bytes(self.fields[16..24].try_into().expect("checked by decode_entry"))
+        self.put_meta().map_or(0, |(_, _, lease)| lease)
     }
 
     /// The version as etcd's KeyValue, stored at `mod_revision`; None for a tombstone.
@@ -273,7 +277,7 @@ impl Entry<'_> {
 /// for a put `be(create) be(version) be(lease) value`.
 pub(crate) fn encode_entry(key: &[u8], record: &Record) -> Vec<u8> {
     let key_len = u32::try_from(key.len()).expect("keys are limited far below 4 GiB");
-    let mut v = Vec::with_capacity(6 + key.len() + 24 + record_value_len(record));
+    let mut v = Vec::with_capacity(6 + key.len() + PUT_FIELDS_BYTES + record_value_len(record));
     v.push(RECORD_V2);
     match record {
         Record::Tombstone => {
@@ -290,10 +294,7 @@ pub(crate) fn encode_entry(key: &[u8], record: &Record) -> Vec<u8> {
             v.push(KIND_PUT);
             v.extend_from_slice(&key_len.to_le_bytes());
             v.extend_from_slice(key);
-            v.extend_from_slice(&create_revision.to_be_bytes());
-            v.extend_from_slice(&version.to_be_bytes());
-            v.extend_from_slice(&lease.to_be_bytes());
-            v.extend_from_slice(value);
+            put_fields(&mut v, *create_revision, *version, *lease, value);
         }
     }
     v
@@ -329,7 +330,7 @@ pub(crate) fn decode_entry(v: &[u8]) -> Result<Entry<'_>, MvccError> {
     let after = &rest[4 + key_len..];
     let tombstone = match kind {
         KIND_TOMBSTONE if after.is_empty() => true,
-        KIND_PUT if after.len() >= 24 => false,
+        KIND_PUT if after.len() >= PUT_FIELDS_BYTES => false,
         KIND_TOMBSTONE | KIND_PUT => {
             return Err(MvccError::Corrupt(format!(
                 "kv_by_rev record of kind {kind} has {} bytes after its key",

@@ -33,12 +33,6 @@ impl IndexRead for KeyIndex {
     }
 }
 
-impl IndexRead for RwLock<KeyIndex> {
-    fn with<R>(&self, f: impl FnOnce(&KeyIndex) -> R) -> R {
-        f(&self.read().unwrap_or_else(PoisonError::into_inner))
-    }
-}
-
 /// The index as a reader has it: locked for each lookup, or held for a whole read.
 pub(crate) enum IndexAccess<'a> {
     Shared(&'a RwLock<KeyIndex>),
@@ -48,7 +42,7 @@ pub(crate) enum IndexAccess<'a> {
 impl IndexRead for IndexAccess<'_> {
     fn with<R>(&self, f: impl FnOnce(&KeyIndex) -> R) -> R {
         match self {
-            IndexAccess::Shared(lock) => lock.with(f),
+            IndexAccess::Shared(lock) => f(&lock.read().unwrap_or_else(PoisonError::into_inner)),
             IndexAccess::Held(index) => f(index),
         }
     }
