@@ -36,7 +36,7 @@ pub struct LogStore {
     syncer: mpsc::Sender<IOFlushed<TypeConfig>>,
     /// The last known commit index, rewritten in place (no fsync) on every commit, so a restart
     /// re-applies everything that was committed (openraft's "persisted committed").
-    committed: Arc<std::fs::File>,
+    committed: Arc<meta::HintFile>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
@@ -54,7 +54,7 @@ impl LogStore {
         std::thread::Builder::new()
             .name("raft-log-sync".into())
             .spawn(move || syncer(sync_log, rx))?;
-        let committed = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(dir.join(COMMITTED_FILE))?;
+        let committed = meta::HintFile::open(&dir.join(COMMITTED_FILE))?;
         Ok(LogStore { inner, dir: dir.to_path_buf(), syncer: tx, committed: Arc::new(committed) })
     }
 
@@ -189,13 +189,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        meta::overwrite_unsynced(&self.committed, &codec::encode_versioned(META_FORMAT_V1, &committed))
+        self.committed.overwrite(&codec::encode_versioned(META_FORMAT_V1, &committed))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
         // A hint only: a torn or missing file (possible after a power loss, since it is not
         // fsynced) means "unknown", and the member learns the commit index from the leader.
-        if self.committed.metadata()?.len() == 0 {
+        if self.committed.is_empty() {
             return Ok(None); // never saved yet
         }
         match meta::read(&self.dir.join(COMMITTED_FILE)) {

@@ -79,18 +79,47 @@ fn encode(payload: &[u8]) -> Vec<u8> {
     bytes
 }
 
-/// Overwrites the file at `path` in place with one positioned write and no fsync: cheap enough to
-/// call on every commit. It survives a process crash (the page cache keeps it) but not
+/// A small file overwritten in place with one positioned write and no fsync: cheap enough to
+/// write on every commit. It survives a process crash (the page cache keeps it) but not
 /// necessarily a power loss, where a reader may find the old contents or a torn file that fails
 /// its checksum. Only for hints that are safe to lose, such as the last known commit index.
-pub fn overwrite_unsynced(file: &File, payload: &[u8]) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let bytes = encode(payload);
-    file.write_all_at(&bytes, 0)?;
-    file.set_len(bytes.len() as u64)
+/// Read back with [`read`].
+pub struct HintFile {
+    file: File,
+    /// The file's length as of the last write: it is cut only when a write is shorter, so the
+    /// usual write (same length or longer) is one system call.
+    len: std::sync::atomic::AtomicU64,
 }
 
-/// Reads a file written by [`write_atomic`] or [`overwrite_unsynced`]. `Ok(None)` if it does not exist; `Err(Corrupt)` if it
+impl HintFile {
+    /// Opens (or creates, empty) the hint file at `path`.
+    pub fn open(path: &Path) -> io::Result<HintFile> {
+        let file = fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path)?;
+        let len = file.metadata()?.len();
+        Ok(HintFile { file, len: len.into() })
+    }
+
+    /// Whether nothing was ever written to it.
+    pub fn is_empty(&self) -> bool {
+        self.len.load(std::sync::atomic::Ordering::Relaxed) == 0
+    }
+
+    /// Replaces the contents with `payload`. One writer at a time.
+    pub fn overwrite(&self, payload: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        use std::sync::atomic::Ordering;
+        let bytes = encode(payload);
+        self.file.write_all_at(&bytes, 0)?;
+        let new_len = bytes.len() as u64;
+        if new_len < self.len.load(Ordering::Relaxed) {
+            self.file.set_len(new_len)?;
+        }
+        self.len.store(new_len, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Reads a file written by [`write_atomic`] or [`HintFile::overwrite`]. `Ok(None)` if it does not exist; `Err(Corrupt)` if it
 /// exists but fails any check, never a payload that did not pass its checksum.
 pub fn read(path: &Path) -> Result<Option<Vec<u8>>, MetaError> {
     let bytes = match fs::read(path) {
@@ -201,6 +230,24 @@ mod tests {
             Some(&b"third, longer than before"[..])
         );
         assert!(!tmp_path(&path).exists());
+    }
+
+    #[test]
+    fn hint_file_reads_back_each_overwrite_shorter_or_longer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hint");
+        let hint = HintFile::open(&path).unwrap();
+        assert!(hint.is_empty());
+        for payload in [&b"a longer first hint"[..], b"short", b"short", b"", b"longer than the last one"] {
+            hint.overwrite(payload).unwrap();
+            assert_eq!(read(&path).unwrap().as_deref(), Some(payload));
+        }
+        // Reopened, it knows its length, so a shorter write still cuts the file.
+        drop(hint);
+        let hint = HintFile::open(&path).unwrap();
+        assert!(!hint.is_empty());
+        hint.overwrite(b"x").unwrap();
+        assert_eq!(read(&path).unwrap().as_deref(), Some(&b"x"[..]));
     }
 
     #[test]
