@@ -35,7 +35,7 @@ use rampart_raft::Request as RaftRequest;
 use rampart_storage::mvcc::Mvcc;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status};
 
 use crate::api::{status, unimplemented, ETCD_VERSION};
@@ -310,20 +310,20 @@ pub async fn hand_off_leadership(member: &Member, timeout: Duration) {
 pub async fn watch_quota(member: Arc<Member>, mut stop: watch::Receiver<bool>) {
     let Some(quota) = member.cfg.quota_bytes() else { return };
     const MIN_SPACING: Duration = Duration::from_millis(10);
-    let mut feed = member.sm.feed.subscribe();
+    // openraft's apply progress, not the change feed: a receiver that only wants to know that
+    // something was applied would make every event wait for it, and dropping it after a pause
+    // walked every event it had skipped (1.5% of a follower's CPU under put-64).
+    let mut applied = member.raft.watch_apply_progress();
     let mut tick = tokio::time::interval(Duration::from_millis(limits::QUOTA_CHECK_INTERVAL_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retry_at = Instant::now();
     loop {
         tokio::select! {
             _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
-            r = feed.recv() => match r {
-                Err(broadcast::error::RecvError::Closed) => return,
-                _ => {
-                    // Whatever else has been applied meanwhile is covered by this one check.
-                    tokio::time::sleep(MIN_SPACING).await;
-                    feed = feed.resubscribe();
-                }
+            r = applied.changed() => match r {
+                Err(_) => return,
+                // Whatever else is applied meanwhile is covered by this one check.
+                Ok(()) => tokio::time::sleep(MIN_SPACING).await,
             },
             _ = tick.tick() => {}
         }
