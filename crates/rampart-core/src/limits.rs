@@ -52,6 +52,13 @@ pub const DEFAULT_ELECTION_TIMEOUT_MS: u64 = 250;
 pub const PEER_ACCEPT_QUEUE: usize = 64;
 /// Most entries sent in one AppendEntries RPC.
 pub const MAX_APPEND_ENTRIES: u64 = 256;
+/// Apply commands the raft core may queue for the state machine worker before it waits for room
+/// (openraft's `state_machine_channel_size`, 1,024 by default). A waiting core answers no
+/// AppendEntries and sends no heartbeats, so a state machine that falls a few seconds behind (a
+/// durable MVCC commit of large values on a busy disk) must not make it wait: with 1,024, such a
+/// lag ended in an election (bug 14 in docs/robustness.md). Each command names a range of log
+/// entries (the worker reads them from the log), so a full queue is a few MiB.
+pub const STATE_MACHINE_QUEUE_COMMANDS: u64 = 65_536;
 /// Most watches one Watch stream may hold (etcd has no limit); a create beyond it is answered
 /// with a canceled create response naming the limit.
 pub const MAX_WATCHES_PER_STREAM: usize = 4_096;

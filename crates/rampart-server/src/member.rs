@@ -157,6 +157,7 @@ impl Member {
             // the all-members-SIGKILL test caught as a stale linearizable read.
             enable_leader_restore: Some(false),
             max_payload_entries: limits::MAX_APPEND_ENTRIES,
+            state_machine_channel_size: Some(limits::STATE_MACHINE_QUEUE_COMMANDS),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_count),
             max_in_snapshot_log_to_keep: cfg.snapshot_catchup_entries,
             // A peer that just died must be retried soon after it comes back.
