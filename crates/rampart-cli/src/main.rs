@@ -13,6 +13,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use rampart_server::Config;
 
+/// mimalloc instead of glibc's malloc: allocation was ~14% of all CPU time at put-64 with glibc
+/// (docs/performance.md, finding 27).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod chaos;
 mod dev;
 mod run_elected;
