@@ -178,12 +178,33 @@ cpu_ticks() {
   for i in 1 2 3; do awk '{ printf "%d ", $14 + $15 }' "/proc/$(cat "$work/$1/m$i.pid")/stat"; done
 }
 
+# settle: before each measured run, write dirty pages out and wait (at most SETTLE_MAX_S) until
+# the six members together use under 5% of a core for a second, so neither system's run pays for
+# the other's background work (etcd's backend commits and snapshots, Rampart's MVCC commits,
+# writeback of the previous run's data).
+SETTLE_MAX_S=15
+settle() {
+  sync
+  local t ticks0 ticks1 hz
+  hz=$(getconf CLK_TCK)
+  for ((t = 0; t < SETTLE_MAX_S; t++)); do
+    ticks0=$(cpu_ticks etcd; cpu_ticks rampart)
+    sleep 1
+    ticks1=$(cpu_ticks etcd; cpu_ticks rampart)
+    if python3 -c 'import sys; a=sum(map(int,sys.argv[1].split())); b=sum(map(int,sys.argv[2].split())); sys.exit(0 if (b-a) < 0.05*int(sys.argv[3]) else 1)' "$ticks0" "$ticks1" "$hz"; then
+      return
+    fi
+  done
+  log "members still busy after ${SETTLE_MAX_S}s; measuring anyway"
+}
+
 # run SYSTEM NAME FLAGS...: one measured run, its JSON line appended to results.jsonl with the
 # run's name and the members' CPU time per operation; a failure is recorded (with its message)
 # instead of stopping the script.
 run() {
   local system=$1 name=$2
   shift 2
+  settle
   log "$name on $system"
   local json err before after
   err=$work/$system-$name.err
