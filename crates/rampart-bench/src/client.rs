@@ -11,7 +11,7 @@ use rampart_proto::etcdserverpb::kv_client::KvClient;
 use rampart_proto::etcdserverpb::lease_client::LeaseClient;
 use rampart_proto::etcdserverpb::{
     compare, request_op, Compare, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseRevokeRequest,
-    PutRequest, RangeRequest, RequestOp, TxnRequest,
+    PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp, TxnRequest, TxnResponse,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -24,6 +24,7 @@ use tonic::Streaming;
 use crate::args::{key, BenchArgs, Stop, Workload, WATCH_STAMP_BYTES};
 use crate::rate::RateLimiter;
 use crate::stats::{rate_per_s, Latencies};
+use crate::unary::{Rpc, UnaryClient, UnaryConn};
 use crate::{progress_interval, BenchResult, MAX_ERROR_SAMPLES};
 
 /// How long opening a connection may take.
@@ -137,8 +138,45 @@ pub(crate) fn unimplemented_message(endpoint: &str, service: &str, s: &tonic::St
     )
 }
 
-/// Opens `n` connections, connection i to endpoint i mod the number of endpoints. Returns each
-/// connection with its endpoint URL.
+/// A connection of a run: a tonic channel (for the streams of watch and lease) or a
+/// [`UnaryConn`] (for the unary KV calls).
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Grpc { endpoint: String, channel: Channel },
+    Unary(Arc<UnaryConn>),
+}
+
+impl Conn {
+    fn endpoint(&self) -> String {
+        match self {
+            Conn::Grpc { endpoint, .. } => endpoint.clone(),
+            Conn::Unary(conn) => conn.url().to_string(),
+        }
+    }
+}
+
+/// Whether `workload`'s clients make only unary KV calls (and so use [`UnaryConn`]s).
+fn unary_only(workload: Workload) -> bool {
+    matches!(workload, Workload::Put | Workload::Range | Workload::RangeSerializable | Workload::Txn)
+}
+
+/// Opens `n` connections for `workload`, connection i to endpoint i mod the number of endpoints.
+pub(crate) async fn connect_for(workload: Workload, urls: &[String], n: usize) -> anyhow::Result<Vec<Conn>> {
+    if unary_only(workload) {
+        return connect_unary(urls, n).await;
+    }
+    let channels = connect(urls, n).await?;
+    Ok(channels.into_iter().map(|(endpoint, channel)| Conn::Grpc { endpoint, channel }).collect())
+}
+
+/// Opens `n` [`UnaryConn`]s, connection i to endpoint i mod the number of endpoints.
+async fn connect_unary(urls: &[String], n: usize) -> anyhow::Result<Vec<Conn>> {
+    let opens = (0..n).map(|i| UnaryConn::connect(&urls[i % urls.len()]));
+    Ok(futures::future::try_join_all(opens).await?.into_iter().map(Conn::Unary).collect())
+}
+
+/// Opens `n` tonic channels, channel i to endpoint i mod the number of endpoints. Returns each
+/// channel with its endpoint URL.
 pub(crate) async fn connect(urls: &[String], n: usize) -> anyhow::Result<Vec<(String, Channel)>> {
     let opens = (0..n).map(|i| {
         let url = urls[i % urls.len()].clone();
@@ -191,7 +229,7 @@ impl Keys {
 
 /// One client's connection-level state for its workload.
 pub(crate) enum Session {
-    Kv { kv: KvClient<Channel>, workload: Workload, value: Vec<u8> },
+    Kv { kv: UnaryClient, workload: Workload, value: Vec<u8> },
     Lease { lease: LeaseClient<Channel>, id: i64, tx: mpsc::Sender<LeaseKeepAliveRequest>, rx: Box<Streaming<LeaseKeepAliveResponse>> },
     /// The writers of the watch workload: each value starts with its send time.
     WatchPut { kv: KvClient<Channel>, epoch: Instant, value: Vec<u8> },
@@ -207,15 +245,19 @@ pub(crate) struct Client {
 
 impl Client {
     /// Prepares a client for `args.workload` (for lease: grants its lease and opens its stream).
-    pub(crate) async fn open(args: &BenchArgs, endpoint: String, channel: Channel, epoch: Instant) -> Result<Self, OpError> {
+    /// `conn` is of the kind [`connect_for`] opens for the workload.
+    pub(crate) async fn open(args: &BenchArgs, conn: Conn, epoch: Instant) -> Result<Self, OpError> {
         let mut keys = Keys::new(args);
         let timeout = args.timeout;
-        let session = match args.workload {
-            Workload::Put | Workload::Range | Workload::RangeSerializable | Workload::Txn => {
-                Session::Kv { kv: KvClient::new(channel), workload: args.workload, value: keys.value(args.value_size) }
+        let endpoint = conn.endpoint();
+        let session = match (args.workload, conn) {
+            (Workload::Put | Workload::Range | Workload::RangeSerializable | Workload::Txn, Conn::Unary(conn)) => {
+                Session::Kv { kv: UnaryClient::new(conn), workload: args.workload, value: keys.value(args.value_size) }
             }
-            Workload::Watch => Session::WatchPut { kv: KvClient::new(channel), epoch, value: keys.value(args.value_size) },
-            Workload::Lease => {
+            (Workload::Watch, Conn::Grpc { channel, .. }) => {
+                Session::WatchPut { kv: KvClient::new(channel), epoch, value: keys.value(args.value_size) }
+            }
+            (Workload::Lease, Conn::Grpc { channel, .. }) => {
                 let mut lease = LeaseClient::new(channel);
                 let grant = LeaseGrantRequest { ttl: args.lease_ttl, id: 0 };
                 let granted = with_timeout(&endpoint, "Lease", timeout, lease.lease_grant(grant)).await?.into_inner();
@@ -241,6 +283,7 @@ impl Client {
                     }
                 }
             }
+            (workload, _) => unreachable!("connect_for opens the other kind of connection for {workload:?}"),
         };
         Ok(Client { session, endpoint, keys, timeout })
     }
@@ -254,15 +297,16 @@ impl Client {
                 match workload {
                     Workload::Put => {
                         let put = PutRequest { key, value: value.clone(), ..Default::default() };
-                        with_timeout(endpoint, "KV", timeout, kv.put(put)).await?;
+                        with_timeout(endpoint, "KV", timeout, kv.call::<_, PutResponse>(Rpc::Put, &put)).await?;
                     }
                     Workload::Range | Workload::RangeSerializable => {
                         let serializable = *workload == Workload::RangeSerializable;
                         let range = RangeRequest { key, serializable, ..Default::default() };
-                        with_timeout(endpoint, "KV", timeout, kv.range(range)).await?;
+                        with_timeout(endpoint, "KV", timeout, kv.call::<_, RangeResponse>(Rpc::Range, &range)).await?;
                     }
                     Workload::Txn => {
-                        with_timeout(endpoint, "KV", timeout, kv.txn(txn(key, value.clone()))).await?;
+                        let txn = txn(key, value.clone());
+                        with_timeout(endpoint, "KV", timeout, kv.call::<_, TxnResponse>(Rpc::Txn, &txn)).await?;
                     }
                     Workload::Watch | Workload::Lease => unreachable!("not a KV session"),
                 }
@@ -339,11 +383,8 @@ pub(crate) async fn client_loop(mut client: Client, shared: Arc<Shared>) -> Late
 }
 
 /// Opens one client per `--clients` (client i on connection i mod N), concurrently.
-pub(crate) async fn open_clients(args: &BenchArgs, channels: &[(String, Channel)], epoch: Instant) -> anyhow::Result<Vec<Client>> {
-    let opens = (0..args.clients).map(|i| {
-        let (endpoint, channel) = channels[i % channels.len()].clone();
-        Client::open(args, endpoint, channel, epoch)
-    });
+pub(crate) async fn open_clients(args: &BenchArgs, conns: &[Conn], epoch: Instant) -> anyhow::Result<Vec<Client>> {
+    let opens = (0..args.clients).map(|i| Client::open(args, conns[i % conns.len()].clone(), epoch));
     futures::future::try_join_all(opens).await.map_err(|e| anyhow!(e.message))
 }
 
@@ -383,23 +424,28 @@ pub(crate) fn spawn_progress(what: &'static str, counter: Arc<Shared>, start: In
     }))
 }
 
-/// Puts every key of the key space once, `--clients` at a time, unmeasured.
-async fn prefill(args: &BenchArgs, channels: &[(String, Channel)]) -> anyhow::Result<()> {
+/// Puts every key of the key space once, `--clients` at a time, unmeasured, over connections of
+/// its own (`--connections` of them).
+async fn prefill(args: &BenchArgs, urls: &[String]) -> anyhow::Result<()> {
     eprintln!("bench: prefilling {} keys", args.key_space);
+    let conns = connect_unary(urls, args.connections).await?;
     let next = Arc::new(AtomicU64::new(0));
     let tasks = (0..args.clients).map(|i| {
-        let (endpoint, channel) = channels[i % channels.len()].clone();
+        let Conn::Unary(conn) = conns[i % conns.len()].clone() else { unreachable!("connect_unary opens unary connections") };
         let (next, key_space, key_size, timeout) = (next.clone(), args.key_space, args.key_size, args.timeout);
         let value = Keys::new(args).value(args.value_size);
         tokio::spawn(async move {
-            let mut kv = KvClient::new(channel);
+            let endpoint = conn.url().to_string();
+            let mut kv = UnaryClient::new(conn);
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 if n >= key_space {
                     return anyhow::Ok(());
                 }
                 let put = PutRequest { key: key(n, key_size), value: value.clone(), ..Default::default() };
-                with_timeout(&endpoint, "KV", timeout, kv.put(put)).await.map_err(|e| anyhow!("prefill: {}", e.message))?;
+                with_timeout(&endpoint, "KV", timeout, kv.call::<_, PutResponse>(Rpc::Put, &put))
+                    .await
+                    .map_err(|e| anyhow!("prefill: {}", e.message))?;
             }
         })
     });
@@ -412,11 +458,11 @@ async fn prefill(args: &BenchArgs, channels: &[(String, Channel)]) -> anyhow::Re
 /// The closed-loop workloads: put, range, range-serializable, txn, lease.
 pub(crate) async fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     let urls = args.endpoint_urls();
-    let channels = connect(&urls, args.connections).await?;
+    let conns = connect_for(args.workload, &urls, args.connections).await?;
     if args.prefill {
-        prefill(args, &channels).await?;
+        prefill(args, &urls).await?;
     }
-    let clients = open_clients(args, &channels, Instant::now()).await?;
+    let clients = open_clients(args, &conns, Instant::now()).await?;
 
     let start = Instant::now();
     let shared = Arc::new(Shared::new(args, start));

@@ -14,6 +14,7 @@ mod args;
 mod client;
 mod rate;
 mod stats;
+mod unary;
 mod watch;
 
 use std::time::Duration;

@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 use tonic::Streaming;
 
 use crate::args::{BenchArgs, WATCH_STAMP_BYTES};
-use crate::client::{connect, join_clients, open_clients, result, spawn_clients, spawn_progress, with_timeout, OpError, Shared};
+use crate::client::{connect, join_clients, Conn, open_clients, result, spawn_clients, spawn_progress, with_timeout, OpError, Shared};
 use crate::stats::{rate_per_s, Latencies};
 use crate::{progress_interval, BenchResult, WatchStats};
 
@@ -98,7 +98,8 @@ pub(crate) async fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     });
     let streams = futures::future::try_join_all(opens).await.map_err(|e| anyhow!(e.message))?;
     let epoch = Instant::now();
-    let writers = open_clients(args, &channels, epoch).await?;
+    let conns: Vec<_> = channels.into_iter().map(|(endpoint, channel)| Conn::Grpc { endpoint, channel }).collect();
+    let writers = open_clients(args, &conns, epoch).await?;
 
     let start = Instant::now();
     let shared = Arc::new(Shared::new(args, start));

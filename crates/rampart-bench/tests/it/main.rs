@@ -179,3 +179,42 @@ async fn an_unreachable_endpoint_is_named() {
     let e = run(args(&[addr], &["--total", "1"])).await.unwrap_err();
     assert!(format!("{e:#}").contains(&format!("cannot connect to http://{addr}")), "{e:#}");
 }
+
+#[tokio::test]
+async fn a_restarted_server_is_reconnected_to() {
+    // The first server stops (GOAWAY, connection closed) during the run; a second one takes its
+    // port. The clients' calls fail while nothing listens, then reach the second server.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let first = Arc::new(FakeKv::default());
+    let server = tokio::spawn(
+        tonic::transport::Server::builder().add_service(KvServer::from_arc(first.clone())).serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                let _ = stopped.await;
+            },
+        ),
+    );
+    let second = Arc::new(FakeKv::default());
+    let restart = {
+        let second = second.clone();
+        async move {
+            tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+            stop.send(()).unwrap();
+            server.await.unwrap().unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(KvServer::from_arc(second))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+        }
+    };
+    let (r, ()) = tokio::join!(run(args(&[addr], &["--duration", "1500ms", "--rate", "200", "--clients", "4"])), restart);
+    let r = r.unwrap();
+    let (before, after) = (first.puts.load(Ordering::Relaxed), second.puts.load(Ordering::Relaxed));
+    assert!(before > 0 && after > 0, "puts before the restart {before}, after {after}: {r:?}");
+    assert_eq!(r.ops, before + after, "{r:?}");
+}
