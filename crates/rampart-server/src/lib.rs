@@ -29,6 +29,7 @@ pub mod maintenance;
 pub mod member;
 pub mod peer;
 pub mod serve;
+pub mod unary;
 pub mod watch;
 
 pub use config::Config;

@@ -31,6 +31,7 @@ use crate::lease::{LeaseService, Lessor};
 use crate::member::{Member, StartError};
 use crate::peer::PeerService;
 use crate::watch::WatchService;
+use crate::unary::UnaryKvLayer;
 
 /// A running member. Dropping it does not stop it; call [`Running::stop`].
 pub struct Running {
@@ -175,6 +176,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             },
             gateway_routes.clone(),
         );
+        let unary_kv = UnaryKvLayer::new(kv_svc.clone(), max_recv, limits::MAX_RESPONSE_BYTES);
         let kv = KvServer::new(kv_svc)
             .max_decoding_message_size(max_recv)
             .max_encoding_message_size(limits::MAX_RESPONSE_BYTES);
@@ -205,6 +207,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             let r = Server::builder()
                 .tcp_nodelay(true)
                 .accept_http1(true)
+                .layer(unary_kv)
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(client_incoming(listener), async move {
                     let _ = rx.wait_for(|s| *s).await;
