@@ -24,10 +24,9 @@ pub const SNAPSHOT_LOG_ENTRIES: u64 = 10_000;
 pub const SNAPSHOT_KEEP_ENTRIES: u64 = 5_000;
 /// Largest raft log segment file before a new one is started.
 pub const LOG_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
-/// Space the raft log fills with zeros ahead of its write position, so an append's `fdatasync`
-/// does not also write a new file size or extent: 110-130 µs instead of ~190 here
-/// (docs/performance.md, findings 18 and 31). Small, so a nearly full disk is not eaten by it,
-/// and the one sync that writes the zeros out is not long.
+/// Space the raft log allocates (zero-filled, with `fallocate`) ahead of its write position, so
+/// an append's `fdatasync` does not also journal a new file size: 130-150 µs instead of ~200 here
+/// (docs/performance.md, finding 18). Small, so a nearly full disk is not eaten by it.
 pub const LOG_PREALLOCATE_BYTES: u64 = 4 * 1024 * 1024;
 /// Longest a client request waits for its proposal to be committed and applied.
 pub const REQUEST_TIMEOUT_MS: u64 = 7_000;

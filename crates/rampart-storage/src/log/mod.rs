@@ -32,9 +32,9 @@
 //! | 16..   | payload, `n` bytes                                           |
 //!
 //! In version 2 the records of the *last* segment may be followed by a zero-filled tail: space
-//! written ahead of the write position ([`rampart_core::limits::LOG_PREALLOCATE_BYTES`] at a
-//! time), so that an append's `fdatasync` only writes data and not also a new file size or
-//! extent. The tail starts where a record header would, with 16 zero bytes (never a valid
+//! allocated ahead of the write position (`fallocate`, [`rampart_core::limits::LOG_PREALLOCATE_BYTES`]
+//! at a time), so that an append's `fdatasync` only writes data and does not also journal a new
+//! file size. The tail starts where a record header would, with 16 zero bytes (never a valid
 //! record: its checksum would be 0, and crc32c of eight zero bytes is not). A segment is cut back
 //! to its last record before the next one is created, so only the last segment has a tail.
 //! Version 1 is the same without the tail: its records run to the end of the file. A version-1
@@ -214,27 +214,29 @@ impl PendingSync {
 }
 
 impl Segment {
-    /// Extends the file with zeros up to `len` bytes, written rather than `fallocate`d: on ext4
-    /// an `fallocate`d extent is "unwritten", and the first write into each block of it makes
-    /// the next `fdatasync` write the extent tree too, so appends into it synced no faster than
-    /// appends that move the end of the file (finding 31 in docs/performance.md). The next sync
-    /// writes the zeros once; the syncs after it write only records. Best effort: where the zeros
-    /// cannot be written (the disk is full), appends simply extend the file, as they would
-    /// without it.
+    /// Extends the file with zero-filled, allocated space up to `len` bytes. Best effort: where
+    /// the filesystem cannot (no `fallocate`, or the disk is full) appends simply extend the file,
+    /// as they would without it.
     fn allocate_to(&mut self, len: u64) {
-        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
-        while self.file_len < len {
-            let n = (len - self.file_len).min(ZEROS.len() as u64) as usize;
-            if let Err(err) = self.file.write_all_at(&ZEROS[..n], self.file_len) {
-                // A failed write may have written part of the range, and moved the end of the
-                // file with it; zeros there are a tail like any other.
-                tracing::debug!(path = %self.path.display(), error = %err, "raft log: could not preallocate segment space");
-                if let Ok(meta) = self.file.metadata() {
-                    self.file_len = self.file_len.max(meta.len());
-                }
-                return;
+        use std::os::fd::AsRawFd;
+        let (Ok(offset), Ok(add)) = (
+            libc::off_t::try_from(self.file_len),
+            libc::off_t::try_from(len - self.file_len),
+        ) else {
+            return;
+        };
+        // SAFETY: fallocate on a file descriptor we own; no memory is passed.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, offset, add) };
+        if rc == 0 {
+            self.file_len = len;
+        } else {
+            // A failed fallocate may have allocated part of the range, and moved the end of
+            // the file with it; zeros there are a tail like any other.
+            let err = io::Error::last_os_error();
+            tracing::debug!(path = %self.path.display(), error = %err, "raft log: could not preallocate segment space");
+            if let Ok(meta) = self.file.metadata() {
+                self.file_len = self.file_len.max(meta.len());
             }
-            self.file_len += n as u64;
         }
     }
 }
