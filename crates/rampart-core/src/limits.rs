@@ -26,8 +26,15 @@ pub const SNAPSHOT_KEEP_ENTRIES: u64 = 5_000;
 pub const LOG_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Space the raft log allocates (zero-filled, with `fallocate`) ahead of its write position, so
 /// an append's `fdatasync` does not also journal a new file size: 130-150 µs instead of ~200 here
-/// (docs/performance.md, finding 18). Small, so a nearly full disk is not eaten by it.
+/// (docs/performance.md, finding 18; finding 31 measured no gain from it on this disk later, and
+/// a gain from writing the zeros instead, not kept yet). Small, so a nearly full disk is not
+/// eaten by it.
 pub const LOG_PREALLOCATE_BYTES: u64 = 4 * 1024 * 1024;
+/// A raft log sync (the write of its buffered records and their `fdatasync`) that takes longer is
+/// logged as a warning. etcd warns at 1 s; this is below the default election timeout, so a
+/// member's log says when its disk was slow enough to matter for elections (bug 14 in
+/// docs/robustness.md).
+pub const SLOW_LOG_SYNC_MS: u64 = 100;
 /// Longest a client request waits for its proposal to be committed and applied.
 pub const REQUEST_TIMEOUT_MS: u64 = 7_000;
 /// Most writes a follower forwards to the leader in one call (see rampart-server's `forward`).

@@ -13,6 +13,7 @@ use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::OptionalSend;
@@ -28,6 +29,7 @@ const VOTE_FILE: &str = "vote.meta";
 /// Not `purged.meta`: the segment log keeps its own purge point under that name in this dir.
 const PURGED_FILE: &str = "purged_log_id.meta";
 const COMMITTED_FILE: &str = "committed.meta";
+const SLOW_LOG_SYNC: Duration = Duration::from_millis(rampart_core::limits::SLOW_LOG_SYNC_MS);
 
 #[derive(Clone)]
 pub struct LogStore {
@@ -105,13 +107,26 @@ fn syncer(log: Arc<Mutex<SegmentLog>>, rx: mpsc::Receiver<IOFlushed<TypeConfig>>
         batch.extend(rx.try_iter());
         // The fsync runs without the log's lock: appends (the raft core waits on those) and
         // reads for replication go on while the disk works, instead of queueing behind it.
+        let started = Instant::now();
+        let mut timings = None;
         let result = (|| {
             let pending = log.lock().unwrap().begin_sync()?;
             let Some(pending) = pending else { return Ok(()) };
+            let written = started.elapsed();
             let synced = pending.run();
+            timings = Some((written, started.elapsed() - written));
             log.lock().unwrap().finish_sync(synced)
         })()
         .map_err(io_err);
+        if let Some((written, synced)) = timings.filter(|_| started.elapsed() >= SLOW_LOG_SYNC) {
+            tracing::warn!(
+                took_ms = started.elapsed().as_millis() as u64,
+                lock_and_write_ms = written.as_millis() as u64,
+                fdatasync_ms = synced.as_millis() as u64,
+                appends = batch.len(),
+                "slow raft log sync"
+            );
+        }
         for cb in batch {
             let r = match &result {
                 Ok(()) => Ok(()),
