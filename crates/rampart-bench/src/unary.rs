@@ -17,13 +17,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use h2::client::SendRequest;
 use http::header::{CONTENT_TYPE, TE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use prost::Message;
-use rampart_proto::wire::{self, BatchedWrites};
+use rampart_proto::wire::{self, grpc_frame, BatchedWrites, GRPC_PREFIX_BYTES};
 use tonic::{Code, Status};
 
 /// The unary methods the workloads call.
@@ -54,8 +54,6 @@ const STREAM_WINDOW_BYTES: u32 = 2 << 20;
 const CONNECTION_WINDOW_BYTES: u32 = 8 << 20;
 /// How long opening a connection (TCP and the h2 preface) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The 5-byte prefix of every gRPC message: a compressed flag and a big-endian length.
-const GRPC_PREFIX_BYTES: usize = 5;
 
 /// One h2 connection and the generation it belongs to.
 #[derive(Clone)]
@@ -177,7 +175,7 @@ impl UnaryClient {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         headers.insert(TE, HeaderValue::from_static("trailers"));
         let (response, mut body_out) = send.send_request(head, false).map_err(transport)?;
-        body_out.send_data(frame(request), true).map_err(transport)?;
+        body_out.send_data(grpc_frame(request), true).map_err(transport)?;
 
         let (parts, mut body) = response.await.map_err(transport)?.into_parts();
         if parts.status != StatusCode::OK {
@@ -204,16 +202,6 @@ impl UnaryClient {
         }
         unframe(message.freeze())
     }
-}
-
-/// `message` with its gRPC prefix (not compressed).
-fn frame<Q: Message>(message: &Q) -> Bytes {
-    let len = message.encoded_len();
-    let mut buf = BytesMut::with_capacity(GRPC_PREFIX_BYTES + len);
-    buf.put_u8(0);
-    buf.put_u32(u32::try_from(len).expect("a request message is far below 4 GiB"));
-    message.encode(&mut buf).expect("the buffer was sized by encoded_len");
-    buf.freeze()
 }
 
 /// The one message of a unary response body.
@@ -258,7 +246,7 @@ mod tests {
     #[test]
     fn a_framed_message_unframes_to_itself() {
         let put = PutRequest { key: b"k".to_vec(), value: vec![7; 300], ..Default::default() };
-        let framed = frame(&put);
+        let framed = grpc_frame(&put);
         assert_eq!(framed.len(), GRPC_PREFIX_BYTES + put.encoded_len());
         let back = PutRequest::decode(unframe(framed).unwrap()).unwrap();
         assert_eq!(back, put);

@@ -1,7 +1,8 @@
 //! The TCP streams under Rampart's gRPC connections where many small messages share one
 //! connection: a member's client listeners (`rampart-server::serve`), its outgoing peer
 //! connections ([`BatchedConnector`], `rampart-raft::network`) and the load generator's
-//! connections (`rampart-bench`).
+//! connections (`rampart-bench`). Also [`grpc_frame`], the framing of one gRPC message that
+//! those ends write by hand where they bypass tonic's codec.
 //!
 //! h2 (under tonic) writes to the socket each time its connection task runs out of frames to
 //! send, and on a busy connection that was once per message:
@@ -27,6 +28,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use hyper_util::rt::TokioIo;
+use prost::bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tonic::codegen::http::Uri;
@@ -167,6 +169,21 @@ async fn connect_from(addr: SocketAddr, local_ip: Option<IpAddr>) -> io::Result<
         socket.bind(SocketAddr::new(ip, 0))?;
     }
     socket.connect(addr).await
+}
+
+/// The prefix of every gRPC message on the wire: a compressed flag (1 byte) and the message's
+/// length (4 bytes, big-endian).
+pub const GRPC_PREFIX_BYTES: usize = 5;
+
+/// `message` as one uncompressed gRPC message: the prefix, then its protobuf encoding. Callers
+/// keep messages far below 4 GiB (request and response limits).
+pub fn grpc_frame<M: prost::Message>(message: &M) -> Bytes {
+    let len = message.encoded_len();
+    let mut buf = BytesMut::with_capacity(GRPC_PREFIX_BYTES + len);
+    buf.put_u8(0);
+    buf.put_u32(u32::try_from(len).expect("a gRPC message is below 4 GiB"));
+    message.encode(&mut buf).expect("the buffer was sized by encoded_len");
+    buf.freeze()
 }
 
 #[cfg(test)]

@@ -118,9 +118,10 @@ fn syncer(log: Arc<Mutex<SegmentLog>>, rx: mpsc::Receiver<IOFlushed<TypeConfig>>
             log.lock().unwrap().finish_sync(synced)
         })()
         .map_err(io_err);
-        if let Some((written, synced)) = timings.filter(|_| started.elapsed() >= SLOW_LOG_SYNC) {
+        let took = started.elapsed();
+        if let Some((written, synced)) = timings.filter(|_| took >= SLOW_LOG_SYNC) {
             tracing::warn!(
-                took_ms = started.elapsed().as_millis() as u64,
+                took_ms = took.as_millis() as u64,
                 lock_and_write_ms = written.as_millis() as u64,
                 fdatasync_ms = synced.as_millis() as u64,
                 appends = batch.len(),

@@ -33,6 +33,7 @@ use rampart_core::limits;
 use rampart_proto::etcdserverpb::auth_server::Auth;
 use rampart_proto::etcdserverpb::cluster_server::Cluster;
 use rampart_proto::etcdserverpb::kv_server::Kv;
+use rampart_proto::wire;
 use rampart_proto::etcdserverpb::lease_server::Lease;
 use rampart_proto::etcdserverpb::maintenance_server::Maintenance;
 use rampart_proto::etcdserverpb::watch_server::Watch;
@@ -370,7 +371,7 @@ impl Gateway {
         let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(limits::GATEWAY_STREAM_BUFFER_REQUESTS);
         if let Some(r) = first {
             // Cannot fail: the channel is new and its receiver alive.
-            let _ = tx.send(Ok(grpc_frame(&r))).await;
+            let _ = tx.send(Ok(wire::grpc_frame(&r))).await;
             let input = rpc.input.clone();
             let max_message = self.inner.max_message;
             let method = rpc.method;
@@ -391,7 +392,7 @@ impl Gateway {
                             return;
                         }
                     };
-                    if tx.send(Ok(grpc_frame(&req))).await.is_err() {
+                    if tx.send(Ok(wire::grpc_frame(&req))).await.is_err() {
                         return;
                     }
                 }
@@ -586,18 +587,6 @@ fn error_line(s: &Status) -> Vec<u8> {
     let mut line = serde_json::to_vec(&StreamErrorLine { error }).unwrap_or_default();
     line.push(b'\n');
     line
-}
-
-/// One gRPC message frame (uncompressed flag, big-endian length, message), for the request
-/// stream tonic decodes.
-fn grpc_frame<M: Message>(m: &M) -> Bytes {
-    let msg = m.encode_to_vec();
-    let mut buf = Vec::with_capacity(5 + msg.len());
-    buf.push(0);
-    // Fits: the message came from a body of at most `max_body` bytes, far below 4 GiB.
-    buf.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    buf.extend_from_slice(&msg);
-    Bytes::from(buf)
 }
 
 /// A JSON request object → request message `Req` (of descriptor `desc`), refused above the gRPC

@@ -14,20 +14,18 @@ use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request, Response, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use prost::Message;
 use rampart_proto::etcdserverpb::kv_server::Kv;
+use rampart_proto::wire::{grpc_frame, GRPC_PREFIX_BYTES};
 use tonic::body::Body;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 use tower_layer::Layer;
 
 use crate::api::KvService;
-
-/// The 5-byte prefix of every gRPC message: a compressed flag and a big-endian length.
-const GRPC_PREFIX_BYTES: usize = 5;
 
 /// The unary KV methods served here.
 #[derive(Clone, Copy, Debug)]
@@ -225,12 +223,7 @@ fn frame<A: Message>(message: &A, max: usize) -> Result<Bytes, Status> {
             "Error, encoded message length too large: found {len} bytes, the limit is: {max} bytes"
         )));
     }
-    let mut buf = BytesMut::with_capacity(GRPC_PREFIX_BYTES + len);
-    buf.put_u8(0);
-    // At most `max`, which is below 4 GiB (limits::MAX_RESPONSE_BYTES is i32::MAX).
-    buf.put_u32(len as u32);
-    message.encode(&mut buf).expect("the buffer was sized by encoded_len");
-    Ok(buf.freeze())
+    Ok(grpc_frame(message))
 }
 
 /// A successful unary response body: the framed message, then `grpc-status: 0`.
