@@ -24,12 +24,16 @@ pub const SNAPSHOT_LOG_ENTRIES: u64 = 10_000;
 pub const SNAPSHOT_KEEP_ENTRIES: u64 = 5_000;
 /// Largest raft log segment file before a new one is started.
 pub const LOG_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
-/// Space the raft log allocates (zero-filled, with `fallocate`) ahead of its write position, so
-/// an append's `fdatasync` does not also journal a new file size: 130-150 µs instead of ~200 here
-/// (docs/performance.md, finding 18; finding 31 measured no gain from it on this disk later, and
-/// a gain from writing the zeros instead, not kept yet). Small, so a nearly full disk is not
-/// eaten by it.
-pub const LOG_PREALLOCATE_BYTES: u64 = 4 * 1024 * 1024;
+/// Zeros the raft log keeps written ahead of its records, by a thread of its own, so an
+/// append's `fdatasync` writes only the records: ~150 µs here, against ~200 into `fallocate`d
+/// space and ~260 at the end of the file (docs/performance.md, findings 31 and 33). Small, so a
+/// nearly full disk is not eaten by it.
+pub const LOG_ZERO_AHEAD_BYTES: u64 = 4 * 1024 * 1024;
+/// The raft log writes no new zeros ahead while its syncs average more record bytes than this:
+/// the zeros cost as much disk bandwidth as the records, and a big sync gains little from them.
+/// With 8 KiB values from 256 clients (syncs of hundreds of KiB) they added a third to the disk's
+/// writes and took 10% off throughput (finding 33); syncs at put-64 carry 3-8 KiB.
+pub const LOG_ZERO_AHEAD_MAX_SYNC_BYTES: u64 = 64 * 1024;
 /// A raft log sync (the write of its buffered records and their `fdatasync`) that takes longer is
 /// logged as a warning. etcd warns at 1 s; this is below the default election timeout, so a
 /// member's log says when its disk was slow enough to matter for elections (bug 14 in

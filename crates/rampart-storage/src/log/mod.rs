@@ -31,10 +31,11 @@
 //! | 8..16  | index, `u64`                                                 |
 //! | 16..   | payload, `n` bytes                                           |
 //!
-//! In version 2 the records of the *last* segment may be followed by a zero-filled tail: space
-//! allocated ahead of the write position (`fallocate`, [`rampart_core::limits::LOG_PREALLOCATE_BYTES`]
-//! at a time), so that an append's `fdatasync` only writes data and does not also journal a new
-//! file size. The tail starts where a record header would, with 16 zero bytes (never a valid
+//! In version 2 the records of the *last* segment may be followed by a zero-filled tail: zeros
+//! written ahead of the write position by the log's zeroing thread (`zeroer`, up to
+//! [`rampart_core::limits::LOG_ZERO_AHEAD_BYTES`]), so that an append's `fdatasync` writes only
+//! the records, not also new blocks, converted extents or a new file size. The tail starts where
+//! a record header would, with 16 zero bytes (never a valid
 //! record: its checksum would be 0, and crc32c of eight zero bytes is not). A segment is cut back
 //! to its last record before the next one is created, so only the last segment has a tail.
 //! Version 1 is the same without the tail: its records run to the end of the file. A version-1
@@ -75,6 +76,7 @@ mod format;
 mod recover;
 #[cfg(test)]
 mod tests;
+mod zeroer;
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -88,6 +90,7 @@ use crate::meta::{self, MetaError};
 use format::{
     encode_record, encode_segment_header, segment_file_name, verify_record, RECORD_HEADER_LEN,
 };
+use zeroer::Zeroer;
 
 /// File holding the purge point.
 const PURGE_FILE: &str = "purged.meta";
@@ -105,12 +108,16 @@ const READ_SPAN_BYTES: u64 = 1024 * 1024;
 pub struct LogOptions {
     /// A new segment file is started once the active one holds at least this many bytes.
     pub segment_bytes: u64,
+    /// Zeros kept written ahead of the active segment's records by a thread of the log's own
+    /// (see `zeroer`); 0 for none.
+    pub zero_ahead_bytes: u64,
 }
 
 impl Default for LogOptions {
     fn default() -> Self {
         LogOptions {
             segment_bytes: rampart_core::limits::LOG_SEGMENT_BYTES,
+            zero_ahead_bytes: rampart_core::limits::LOG_ZERO_AHEAD_BYTES,
         }
     }
 }
@@ -213,34 +220,6 @@ impl PendingSync {
     }
 }
 
-impl Segment {
-    /// Extends the file with zero-filled, allocated space up to `len` bytes. Best effort: where
-    /// the filesystem cannot (no `fallocate`, or the disk is full) appends simply extend the file,
-    /// as they would without it.
-    fn allocate_to(&mut self, len: u64) {
-        use std::os::fd::AsRawFd;
-        let (Ok(offset), Ok(add)) = (
-            libc::off_t::try_from(self.file_len),
-            libc::off_t::try_from(len - self.file_len),
-        ) else {
-            return;
-        };
-        // SAFETY: fallocate on a file descriptor we own; no memory is passed.
-        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, offset, add) };
-        if rc == 0 {
-            self.file_len = len;
-        } else {
-            // A failed fallocate may have allocated part of the range, and moved the end of
-            // the file with it; zeros there are a tail like any other.
-            let err = io::Error::last_os_error();
-            tracing::debug!(path = %self.path.display(), error = %err, "raft log: could not preallocate segment space");
-            if let Ok(meta) = self.file.metadata() {
-                self.file_len = self.file_len.max(meta.len());
-            }
-        }
-    }
-}
-
 struct Segment {
     /// Index of the first record in the file (also in its name and header). For the oldest
     /// segment it can be below the log's first index: purged records stay in the file until the
@@ -252,9 +231,11 @@ struct Segment {
     /// Bytes written to the file (synced or not). For the active segment, `LogStore::pending`
     /// continues from here.
     written_len: u64,
-    /// Length of the file: `written_len` plus the zero-filled tail allocated ahead of it.
+    /// Length of the file as last known here: `written_len` plus a zero-filled tail. The zeroer
+    /// lengthens the active segment's file without updating this; [`Zeroer::retarget`] says how
+    /// far it went.
     file_len: u64,
-    /// The segment's format allows a zero-filled tail (version 2 on), so appends allocate ahead.
+    /// The segment's format allows a zero-filled tail (version 2 on), so zeros are written ahead.
     preallocate: bool,
 }
 
@@ -286,6 +267,16 @@ pub struct LogStore {
     sync_in_flight: bool,
     /// Set when a mutation failed part-way; every later call refuses (see `LogError::Failed`).
     failed: Option<String>,
+    /// Writes zeros ahead of the active segment's records.
+    zeroer: Zeroer,
+    /// The zeroer works on the active segment (set on the segment's first write after it was
+    /// created, opened or cut).
+    zeroing: bool,
+    /// Record bytes appended in the life of this store, and as of the last sync.
+    appended_bytes: u64,
+    synced_bytes: u64,
+    /// Moving average of the record bytes one sync makes durable (weight 1/8 per sync).
+    bytes_per_sync: u64,
 }
 
 impl fmt::Debug for LogStore {
@@ -361,6 +352,7 @@ impl LogStore {
             self.first = index;
         }
         self.locs.push_back(Loc { offset, len });
+        self.appended_bytes += RECORD_HEADER_LEN + u64::from(len);
         self.needs_sync = true;
         if self.pending.len() >= WRITE_BUFFER_BYTES {
             self.flush()?;
@@ -378,7 +370,9 @@ impl LogStore {
             if self.needs_sync {
                 self.flush()?;
             }
+            let reach = self.stop_zeroing();
             let old = self.segments.last_mut().expect("checked above");
+            old.file_len = old.file_len.max(reach);
             if old.file_len > old.written_len {
                 old.file
                     .set_len(old.written_len)
@@ -430,8 +424,15 @@ impl LogStore {
             .last_mut()
             .expect("pending bytes belong to the active segment");
         let end = active.written_len + self.pending.len() as u64;
-        if active.preallocate && end > active.file_len {
-            active.allocate_to(end + rampart_core::limits::LOG_PREALLOCATE_BYTES);
+        if active.preallocate {
+            if !self.zeroing {
+                self.zeroer.retarget(Some((&active.path, active.written_len, self.opts.segment_bytes)));
+                self.zeroing = true;
+            }
+            // Zeros pay off for small syncs, where a sync's fixed cost is most of it; under big
+            // ones they would double the disk's write load for little gain.
+            let wanted = self.bytes_per_sync <= rampart_core::limits::LOG_ZERO_AHEAD_MAX_SYNC_BYTES;
+            self.zeroer.before_write(active.written_len, end, wanted);
         }
         active
             .file
@@ -484,6 +485,9 @@ impl LogStore {
             if file.is_none() && dir.is_none() {
                 return Ok(None);
             }
+            let sample = log.appended_bytes - log.synced_bytes;
+            log.synced_bytes = log.appended_bytes;
+            log.bytes_per_sync = log.bytes_per_sync - log.bytes_per_sync / 8 + sample / 8;
             // Cleared now: records appended while the sync runs set it again, for the next one.
             log.needs_sync = false;
             log.dir_dirty = false;
@@ -601,6 +605,10 @@ impl LogStore {
                     .truncate((loc.offset - active.written_len) as usize);
             } else {
                 self.pending.clear();
+                if self.zeroing {
+                    self.zeroer.retarget(None);
+                    self.zeroing = false;
+                }
                 active
                     .file
                     .set_len(loc.offset)
@@ -623,6 +631,9 @@ impl LogStore {
     /// way a crash part-way leaves a shorter log, never one with a hole in the middle (which
     /// recovery would rightly call corrupt).
     fn remove_segments_from(&mut self, from: usize) -> Result<(), LogError> {
+        if self.segments.len() > from {
+            self.stop_zeroing();
+        }
         while self.segments.len() > from {
             let seg = self.segments.pop().expect("len > from");
             // The buffer belongs to the active segment, which is the first one removed; every
@@ -672,6 +683,7 @@ impl LogStore {
                 .saturating_sub(1)
         };
         if removable == self.segments.len() {
+            self.stop_zeroing();
             self.pending.clear();
             self.needs_sync = false;
         }
@@ -682,6 +694,21 @@ impl LogStore {
             self.dir_dirty = true;
         }
         Ok(())
+    }
+
+    /// Stops the zeroer's work on the active segment before it is cut or removed, waiting for
+    /// the piece it is writing; returns how far the file reaches now (0 if it was not zeroing).
+    fn stop_zeroing(&mut self) -> u64 {
+        if !std::mem::take(&mut self.zeroing) {
+            return 0;
+        }
+        self.zeroer.retarget(None)
+    }
+
+    /// Waits until the zeroer has caught up (tests that look at the zero-filled tail).
+    #[cfg(test)]
+    fn settle_zeros(&self) {
+        self.zeroer.settle();
     }
 
     /// Total bytes of segment files, for metrics.

@@ -11,6 +11,7 @@ use super::format::{
     decode_record_header, decode_segment_header, parse_segment_file_name, record_checksum,
     RECORD_HEADER_LEN, SEGMENT_HEADER_LEN, SEGMENT_SUFFIX, ZERO_TAIL_VERSION,
 };
+use super::zeroer::Zeroer;
 use super::{io_err, Loc, LogError, LogOptions, LogStore, Segment, LOCK_FILE, PURGE_FILE};
 use crate::meta;
 
@@ -108,6 +109,11 @@ pub(super) fn open(dir: &Path, opts: LogOptions) -> Result<LogStore, LogError> {
         dir_dirty: false,
         sync_in_flight: false,
         failed: None,
+        zeroer: Zeroer::start(opts.zero_ahead_bytes).map_err(io_err(dir, "starting the thread that writes zeros ahead in"))?,
+        zeroing: false,
+        appended_bytes: 0,
+        synced_bytes: 0,
+        bytes_per_sync: 0,
     })
 }
 
