@@ -39,6 +39,14 @@ pub const LOG_ZERO_AHEAD_MAX_SYNC_BYTES: u64 = 64 * 1024;
 /// member's log says when its disk was slow enough to matter for elections (bug 14 in
 /// docs/robustness.md).
 pub const SLOW_LOG_SYNC_MS: u64 = 100;
+/// An apply batch with more command bytes than this runs off the member's runtime workers
+/// (`block_in_place`), like a durable commit: writing it takes long enough to hold up raft's
+/// heartbeats and timers on that worker (bug 14 in docs/robustness.md). Smaller batches, the
+/// common case, run inline, which costs no thread hand-off.
+pub const APPLY_INLINE_MAX_BYTES: usize = 256 * 1024;
+/// A member warns when a task of its runtime waited this long for a worker: raft's heartbeats
+/// and election timers waited as long (bug 14 in docs/robustness.md).
+pub const RUNTIME_STALL_WARN_MS: u64 = 100;
 /// Longest a client request waits for its proposal to be committed and applied.
 pub const REQUEST_TIMEOUT_MS: u64 = 7_000;
 /// Most writes a follower forwards to the leader in one call (see rampart-server's `forward`).

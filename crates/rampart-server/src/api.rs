@@ -238,7 +238,7 @@ impl ClusterService {
     }
 
     fn members(&self) -> Vec<rampart_proto::etcdserverpb::Member> {
-        let meta = self.member.sm.meta();
+        let meta = self.member.sm.cluster_meta();
         let membership = meta.membership.membership();
         let learners: Vec<u64> = membership.learner_ids().collect();
         membership

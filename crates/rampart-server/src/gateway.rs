@@ -419,7 +419,7 @@ impl Gateway {
         }
         let m = &self.inner.member;
         let has_leader = m.raft.metrics().borrow_watched().current_leader.is_some();
-        let healthy = m.sm.meta().alarms.is_empty()
+        let healthy = m.sm.cluster_meta().alarms.is_empty()
             && has_leader
             && matches!(
                 tokio::time::timeout(Duration::from_millis(limits::GATEWAY_HEALTH_TIMEOUT_MS), m.read_barrier()).await,

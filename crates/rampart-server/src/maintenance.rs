@@ -90,9 +90,10 @@ impl Maintenance for MaintenanceService {
                 m.read_barrier().await.map_err(status)?;
                 let alarms = m
                     .sm
-                    .meta()
+                    .cluster_meta()
                     .alarms
-                    .into_iter()
+                    .iter()
+                    .copied()
                     .filter(|(_, a)| kind == AlarmType::None || *a == kind as i32)
                     .map(|(member_id, alarm)| AlarmMember { member_id, alarm })
                     .collect();
@@ -121,7 +122,7 @@ impl Maintenance for MaintenanceService {
         if leader == 0 {
             errors.push(EtcdError::NoLeader.to_string());
         }
-        errors.extend(m.sm.meta().alarms.iter().map(|(id, a)| alarm_text(*id, *a)));
+        errors.extend(m.sm.cluster_meta().alarms.iter().map(|(id, a)| alarm_text(*id, *a)));
         Ok(Response::new(StatusResponse {
             header: Some(m.header(m.sm.mvcc.current_revision())),
             version: ETCD_VERSION.into(),
@@ -328,7 +329,7 @@ pub async fn watch_quota(member: Arc<Member>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
         }
         let size = member.sm.mvcc.db_size_bytes();
-        let raised = member.sm.meta().alarms.contains(&(member.id, AlarmType::Nospace as i32));
+        let raised = member.sm.cluster_meta().alarms.contains(&(member.id, AlarmType::Nospace as i32));
         if size <= quota || raised || Instant::now() < retry_at {
             continue;
         }

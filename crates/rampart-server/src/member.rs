@@ -579,7 +579,7 @@ impl Member {
             client_urls: self.cfg.advertise_client_urls.clone(),
         };
         loop {
-            if self.sm.meta().members.get(&self.id) == Some(&want) {
+            if self.sm.cluster_meta().members.get(&self.id) == Some(&want) {
                 return;
             }
             let req = Request::PublishMember { id: self.id, name: want.name.clone(), client_urls: want.client_urls.clone() };

@@ -1,6 +1,7 @@
 //! Starts a member's listeners and runs it until asked to stop.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rampart_core::limits;
 use rampart_proto::etcdserverpb::cluster_server::ClusterServer;
@@ -220,6 +221,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     }
 
     tokio::spawn(member.clone().publish_attributes());
+    tokio::spawn(watch_runtime_stalls());
     tasks.push(tokio::spawn(maintenance::watch_quota(member.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(lessor.run_expiry(stop_rx.clone())));
     tracing::info!(
@@ -277,6 +279,25 @@ impl Running {
         }
         for t in self.tasks {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), t).await;
+        }
+    }
+}
+
+/// Warns when a task of this member's runtime waited long for a worker: raft's heartbeats and
+/// election timers run on the same workers and waited as long, which is how a busy member can
+/// miss the leader's heartbeats and start an election (bug 14 in docs/robustness.md).
+async fn watch_runtime_stalls() {
+    const TICK: Duration = Duration::from_millis(50);
+    let threshold = Duration::from_millis(limits::RUNTIME_STALL_WARN_MS);
+    loop {
+        let start = Instant::now();
+        tokio::time::sleep(TICK).await;
+        let late = start.elapsed().saturating_sub(TICK);
+        if late >= threshold {
+            tracing::warn!(
+                late_ms = late.as_millis() as u64,
+                "runtime stalled: a timer fired late (raft heartbeats and election timers waited as long)"
+            );
         }
     }
 }

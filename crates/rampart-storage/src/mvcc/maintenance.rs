@@ -112,6 +112,13 @@ impl Db {
         result
     }
 
+    /// Makes every commit so far durable: an empty transaction committed with fsync (redb
+    /// persists the non-durable commits before it with it).
+    pub(super) fn sync(&self) -> Result<(), MvccError> {
+        let txn = self.shared().begin_write()?;
+        self.commit(txn, true)
+    }
+
     /// Marks the store failed after a batch broke off halfway: its transaction (with every parked
     /// batch) is dropped uncommitted.
     pub(super) fn fail(&self) {

@@ -392,18 +392,28 @@ impl Mvcc {
         durable: bool,
     ) -> Result<Vec<Result<Applied, EtcdError>>, MvccError> {
         let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
-        // Write-locked for the whole batch: the writer updates the index as it goes, and lease
-        // readers wait for the commit rather than see uncommitted attachments.
-        let mut leases = self.leases.write().unwrap_or_else(|e| e.into_inner());
-        let mut index = self.index_mut();
-        let result = self.apply_batch(batch, raft_meta, durable, &mut leases, &mut index);
-        if result.is_err() {
-            // Nothing of the batch was committed, but the indexes may hold some of it.
-            if let Err(e) = self.reload_indexes(&mut leases, &mut index) {
-                tracing::error!(error = %e, "rebuilding the indexes after a failed batch");
+        let result = {
+            // Write-locked for the whole batch: the writer updates the index as it goes, and
+            // lease readers wait for the commit rather than see uncommitted attachments.
+            let mut leases = self.leases.write().unwrap_or_else(|e| e.into_inner());
+            let mut index = self.index_mut();
+            let result = self.apply_batch(batch, raft_meta, durable, &mut leases, &mut index);
+            if result.is_err() {
+                // Nothing of the batch was committed, but the indexes may hold some of it.
+                if let Err(e) = self.reload_indexes(&mut leases, &mut index) {
+                    tracing::error!(error = %e, "rebuilding the indexes after a failed batch");
+                }
             }
+            result
+        }?;
+        if durable {
+            // The fsync comes after the indexes are released: it writes every page dirtied since
+            // the last durable commit (hundreds of milliseconds under big values), and readers
+            // must not wait for it, nor hold a runtime worker meanwhile (bug 14 in
+            // docs/robustness.md). Only the next batch waits, on `writing`.
+            self.db.sync()?;
         }
-        result
+        Ok(result)
     }
 
     fn apply_batch(
@@ -419,12 +429,6 @@ impl Mvcc {
         let mut slot = self.db.parked()?;
         let parked = slot.take();
         let (txn, since) = match parked {
-            // A durable commit takes long (it writes every dirty page): the parked writes are
-            // committed first, so readers need not wait for it.
-            Some(p) if durable => {
-                self.db.commit(p.txn, false)?;
-                (self.db.shared().begin_write()?, Instant::now())
-            }
             Some(p) => (p.txn, p.since),
             None => (self.db.shared().begin_write()?, Instant::now()),
         };
@@ -439,7 +443,8 @@ impl Mvcc {
             }
         };
         if durable || since.elapsed() >= COMMIT_INTERVAL {
-            self.db.commit(txn, durable)?;
+            // Without fsync even when durable: `apply` syncs once the indexes are released.
+            self.db.commit(txn, false)?;
         } else {
             self.db.park(&mut slot, maintenance::Parked { txn, since });
         }
