@@ -247,6 +247,9 @@ struct Segment {
 pub struct LogStore {
     dir: PathBuf,
     opts: LogOptions,
+    /// Writes zeros ahead of the active segment's records. Declared before `_lock`, so its thread
+    /// has stopped before another store can open the directory.
+    zeroer: Zeroer,
     /// Held for the lifetime of the store; dropping it releases the lock.
     _lock: File,
     /// Oldest first; the last one is the active segment.
@@ -267,8 +270,6 @@ pub struct LogStore {
     sync_in_flight: bool,
     /// Set when a mutation failed part-way; every later call refuses (see `LogError::Failed`).
     failed: Option<String>,
-    /// Writes zeros ahead of the active segment's records.
-    zeroer: Zeroer,
     /// The zeroer works on the active segment (set on the segment's first write after it was
     /// created, opened or cut).
     zeroing: bool,
