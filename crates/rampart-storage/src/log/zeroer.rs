@@ -4,7 +4,7 @@
 //! ~150 µs of wall time here, against ~200 into `fallocate`d space (its extents are "unwritten",
 //! and the first write into each block converts it) and ~260 at the end of the file (a new size
 //! and new blocks each time). Written zeros make the sync write the records and nothing else
-//! (finding 31 and 33 in docs/performance.md). Writing them from the appender, as cd5f597 did,
+//! (findings 31 and 33 in docs/performance.md). Writing them from the appender, as cd5f597 did,
 //! put 4 MiB of zeros into one foreground sync every 4 MiB of log, under the log's lock.
 //!
 //! How: one thread per open log keeps up to [`LogOptions::zero_ahead_bytes`] of zeros written
@@ -17,8 +17,10 @@
 //! Invariant: the zeroer never writes below the end of what the appender has written or is
 //! about to write. Before each write the appender calls [`Zeroer::before_write`], which records
 //! the write's end and, should the piece being zeroed overlap the write, waits for that piece.
-//! The zeroer starts its pieces at least [`GAP_BYTES`] past that end, so the wait only happens
-//! for a single write larger than that. The log calls [`Zeroer::retarget`] before it cuts,
+//! The zeroer starts its pieces at least a quarter of the zeros ahead (1 MiB by default, the
+//! size of the log's write buffer) past that end, so the wait only happens for a single write
+//! larger than that; if the zeroer falls behind, the records in between go where no zeros were
+//! written, as they would without it. The log calls [`Zeroer::retarget`] before it cuts,
 //! truncates or removes the active segment, which waits for the piece in flight, so zeros never
 //! land in a file after it was cut.
 //!
