@@ -7,7 +7,7 @@
 //! (findings 31 and 33 in docs/performance.md). Writing them from the appender, as cd5f597 did,
 //! put 4 MiB of zeros into one foreground sync every 4 MiB of log, under the log's lock.
 //!
-//! How: one thread per open log keeps up to [`LogOptions::zero_ahead_bytes`] of zeros written
+//! How: one thread per open log keeps up to [`super::LogOptions::zero_ahead_bytes`] of zeros written
 //! past the end of the active segment's records, in pieces of [`PIECE_BYTES`], each written back
 //! to disk at once (`sync_file_range`), with an `fdatasync` of its own every [`SYNC_EVERY_BYTES`]
 //! so the new extents' metadata is on disk before the records arrive. The zeros are the
