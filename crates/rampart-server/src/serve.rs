@@ -221,7 +221,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     }
 
     tokio::spawn(member.clone().publish_attributes());
-    tokio::spawn(watch_runtime_stalls());
+    tasks.push(tokio::spawn(watch_runtime_stalls(stop_rx.clone())));
     tasks.push(tokio::spawn(maintenance::watch_quota(member.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(lessor.run_expiry(stop_rx.clone())));
     tracing::info!(
@@ -286,12 +286,16 @@ impl Running {
 /// Warns when a task of this member's runtime waited long for a worker: raft's heartbeats and
 /// election timers run on the same workers and waited as long, which is how a busy member can
 /// miss the leader's heartbeats and start an election (bug 14 in docs/robustness.md).
-async fn watch_runtime_stalls() {
+/// Ends when the member stops.
+async fn watch_runtime_stalls(mut stop: watch::Receiver<bool>) {
     const TICK: Duration = Duration::from_millis(50);
     let threshold = Duration::from_millis(limits::RUNTIME_STALL_WARN_MS);
     loop {
         let start = Instant::now();
-        tokio::time::sleep(TICK).await;
+        tokio::select! {
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+            _ = tokio::time::sleep(TICK) => {}
+        }
         let late = start.elapsed().saturating_sub(TICK);
         if late >= threshold {
             tracing::warn!(

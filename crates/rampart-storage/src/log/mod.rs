@@ -231,10 +231,6 @@ struct Segment {
     /// Bytes written to the file (synced or not). For the active segment, `LogStore::pending`
     /// continues from here.
     written_len: u64,
-    /// Length of the file as last known here: `written_len` plus a zero-filled tail. The zeroer
-    /// lengthens the active segment's file without updating this; [`Zeroer::retarget`] says how
-    /// far it went.
-    file_len: u64,
     /// The segment's format allows a zero-filled tail (version 2 on), so zeros are written ahead.
     preallocate: bool,
 }
@@ -273,9 +269,8 @@ pub struct LogStore {
     /// The zeroer works on the active segment (set on the segment's first write after it was
     /// created, opened or cut).
     zeroing: bool,
-    /// Record bytes appended in the life of this store, and as of the last sync.
-    appended_bytes: u64,
-    synced_bytes: u64,
+    /// Record bytes appended since the last sync began.
+    unsynced_bytes: u64,
     /// Moving average of the record bytes one sync makes durable (weight 1/8 per sync).
     bytes_per_sync: u64,
 }
@@ -353,7 +348,7 @@ impl LogStore {
             self.first = index;
         }
         self.locs.push_back(Loc { offset, len });
-        self.appended_bytes += RECORD_HEADER_LEN + u64::from(len);
+        self.unsynced_bytes += RECORD_HEADER_LEN + u64::from(len);
         self.needs_sync = true;
         if self.pending.len() >= WRITE_BUFFER_BYTES {
             self.flush()?;
@@ -371,14 +366,13 @@ impl LogStore {
             if self.needs_sync {
                 self.flush()?;
             }
+            // Only the zeroer lengthens a file past its records (recovery cuts what it finds).
             let reach = self.stop_zeroing();
             let old = self.segments.last_mut().expect("checked above");
-            old.file_len = old.file_len.max(reach);
-            if old.file_len > old.written_len {
+            if reach > old.written_len {
                 old.file
                     .set_len(old.written_len)
                     .map_err(io_err(&old.path, "cutting the preallocated tail of segment"))?;
-                old.file_len = old.written_len;
                 old.file
                     .sync_all()
                     .map_err(io_err(&old.path, "syncing segment"))?;
@@ -408,7 +402,6 @@ impl LogStore {
             path,
             file,
             written_len: 0,
-            file_len: 0,
             preallocate: true,
         });
         self.dir_dirty = true;
@@ -440,7 +433,6 @@ impl LogStore {
             .write_all_at(&self.pending, active.written_len)
             .map_err(io_err(&active.path, "writing segment"))?;
         active.written_len = end;
-        active.file_len = active.file_len.max(end);
         self.pending.clear();
         // One huge record should not pin a huge buffer for the life of the process.
         if self.pending.capacity() > 2 * WRITE_BUFFER_BYTES {
@@ -486,8 +478,7 @@ impl LogStore {
             if file.is_none() && dir.is_none() {
                 return Ok(None);
             }
-            let sample = log.appended_bytes - log.synced_bytes;
-            log.synced_bytes = log.appended_bytes;
+            let sample = std::mem::take(&mut log.unsynced_bytes);
             log.bytes_per_sync = log.bytes_per_sync - log.bytes_per_sync / 8 + sample / 8;
             // Cleared now: records appended while the sync runs set it again, for the next one.
             log.needs_sync = false;
@@ -599,22 +590,18 @@ impl LogStore {
             self.remove_segments_from(seg)?;
         } else {
             self.remove_segments_from(seg + 1)?;
-            let active = self.segments.last_mut().expect("segment `seg` remains");
-            if loc.offset >= active.written_len {
+            let written_len = self.segments.last().expect("segment `seg` remains").written_len;
+            if loc.offset >= written_len {
                 // Only buffered bytes are affected; nothing on disk changes.
-                self.pending
-                    .truncate((loc.offset - active.written_len) as usize);
+                self.pending.truncate((loc.offset - written_len) as usize);
             } else {
                 self.pending.clear();
-                if self.zeroing {
-                    self.zeroer.retarget(None);
-                    self.zeroing = false;
-                }
+                self.stop_zeroing();
+                let active = self.segments.last_mut().expect("segment `seg` remains");
                 active
                     .file
                     .set_len(loc.offset)
                     .map_err(io_err(&active.path, "truncating segment"))?;
-                active.file_len = loc.offset;
                 // sync_all, not sync_data: the new length is what makes the cut durable.
                 active
                     .file

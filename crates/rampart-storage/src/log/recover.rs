@@ -111,8 +111,7 @@ pub(super) fn open(dir: &Path, opts: LogOptions) -> Result<LogStore, LogError> {
         failed: None,
         zeroer: Zeroer::start(opts.zero_ahead_bytes).map_err(io_err(dir, "starting the thread that writes zeros ahead in"))?,
         zeroing: false,
-        appended_bytes: 0,
-        synced_bytes: 0,
+        unsynced_bytes: 0,
         bytes_per_sync: 0,
     })
 }
@@ -408,7 +407,6 @@ fn scan_segment(
             path: path.to_path_buf(),
             file,
             written_len: offset,
-            file_len: offset,
             preallocate: zero_tail_allowed,
         },
         next - 1,
