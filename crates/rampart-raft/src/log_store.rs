@@ -189,7 +189,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         };
         let last_log_id = match last {
             Some(bytes) => Some(codec::decode_entry(&bytes)?.log_id),
-            None => last_purged.clone(),
+            None => last_purged,
         };
         Ok(LogState { last_purged_log_id: last_purged, last_log_id })
     }

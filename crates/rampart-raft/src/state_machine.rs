@@ -343,7 +343,7 @@ impl StateMachine {
         blocking(|| self.shared.mvcc.apply(&[], &meta_bytes, true)).map_err(io_err)?;
         *self.shared.durable_at.lock().unwrap() = Instant::now();
         let view = self.shared.mvcc.snapshot_view().map_err(io_err)?;
-        let snap_meta = SnapshotMeta { last_log_id: meta.last_applied.clone(), last_membership: meta.membership.clone() };
+        let snap_meta = SnapshotMeta { last_log_id: meta.last_applied, last_membership: meta.membership.clone() };
         Ok(Snapshot { meta: snap_meta, snapshot: SnapshotData::View(view) })
     }
 }
@@ -367,7 +367,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), io::Error> {
         let m = self.shared.meta.lock().unwrap();
-        Ok((m.last_applied.clone(), m.membership.clone()))
+        Ok((m.last_applied, m.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, entries: Strm) -> Result<(), io::Error>
@@ -391,11 +391,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             })
             .sum();
         for (entry, _) in &items {
-            next_meta.last_applied = Some(entry.log_id.clone());
+            next_meta.last_applied = Some(entry.log_id);
             match &entry.payload {
                 EntryPayload::Blank => plan.push(Err(Reply(Ok(Vec::new())))),
                 EntryPayload::Membership(m) => {
-                    next_meta.membership = Membership::new(Some(entry.log_id.clone()), m.clone());
+                    next_meta.membership = Membership::new(Some(entry.log_id), m.clone());
                     plan.push(Err(Reply(Ok(Vec::new()))));
                 }
                 EntryPayload::Normal(Request::PublishMember { id, name, client_urls }) => {

@@ -317,7 +317,7 @@ impl Lock for LockService {
             failure: vec![get(&key), owner],
         };
         let resp = self.recipes.txn(txn).await.map_err(status)?;
-        let header = resp.header.clone().unwrap_or_default();
+        let header = resp.header.unwrap_or_default();
         let mine = lock_create_revision(&resp, header.revision)?;
         let first = resp.responses.get(1).and_then(|r| r.response.as_ref()).map(range_kvs).unwrap_or_default();
         if first.first().is_none_or(|kv| kv.create_revision == mine) {
@@ -399,7 +399,7 @@ impl Election for ElectionService {
             failure: vec![get(&key)],
         };
         let resp = self.recipes.txn(txn).await.map_err(status)?;
-        let header = resp.header.clone().unwrap_or_default();
+        let header = resp.header.unwrap_or_default();
         let rev = lock_create_revision(&resp, header.revision)?;
         let leader = LeaderKey { name: r.name, key: key.clone(), rev, lease };
         let give_up = GiveUp { recipes: Some((self.recipes.clone(), key)) };

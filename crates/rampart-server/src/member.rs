@@ -125,7 +125,7 @@ impl Member {
                     // Joining: the cluster already knows this member (`member add` computed the
                     // same id from the same peer URLs and token); learn the cluster id from a peer.
                     let peers: Vec<String> = initial.iter().filter(|(pid, _)| **pid != id).flat_map(|(_, n)| n.peer_urls.clone()).collect();
-                    let cluster_id = ask_cluster_id(&peers).await.map_err(|msg| StartError::Raft(msg))?;
+                    let cluster_id = ask_cluster_id(&peers).await.map_err(StartError::Raft)?;
                     (id, cluster_id, true)
                 } else {
                     (id, cluster_id, true)

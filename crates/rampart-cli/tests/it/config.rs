@@ -44,7 +44,7 @@ max_request_bytes = 100
         .spawn()
         .unwrap();
 
-    let mut c = connect(&[client.clone()]).await;
+    let mut c = connect(std::slice::from_ref(&client)).await;
     let deadline = Instant::now() + Duration::from_secs(15);
     while c.put("probe", "x", None).await.is_err() {
         assert!(Instant::now() < deadline, "member from the config file did not serve on {client}");
