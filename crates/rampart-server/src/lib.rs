@@ -24,6 +24,7 @@ pub mod concurrency;
 pub mod config;
 pub mod forward;
 pub mod gateway;
+pub mod inline;
 pub mod lease;
 pub mod maintenance;
 pub mod member;

@@ -200,24 +200,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             .add_service(lock)
             .add_service(election)
             .add_service(health_service.clone());
-        // The JSON gateway shares the port: tonic's server with HTTP/1 accepted runs hyper's
-        // auto (HTTP/1 + HTTP/2) connection builder, with the same HTTP/2 settings as before.
-        let routes = gateway.add_to(grpc.routes());
-        let mut rx = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let r = Server::builder()
-                .tcp_nodelay(true)
-                .accept_http1(true)
-                .layer(unary_kv)
-                .add_routes(routes)
-                .serve_with_incoming_shutdown(client_incoming(listener), async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::error!(%e, "client server failed");
-            }
-        }));
+        // The JSON gateway shares the port: HTTP/1 and HTTP/2 are both accepted.
+        let svc = tower_layer::Layer::layer(&unary_kv, gateway.add_to(grpc.routes()));
+        tasks.push(tokio::spawn(crate::inline::serve(client_incoming(listener), svc, stop_rx.clone())));
     }
 
     tokio::spawn(member.clone().publish_attributes());

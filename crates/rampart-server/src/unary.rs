@@ -8,6 +8,10 @@
 //! call the same [`KvService`] handler, and answer with one DATA frame and the `grpc-status`
 //! trailer. The handlers, their checks and their errors are the ones tonic calls; the limits are
 //! those `serve` gives tonic's `KvServer` (finding 30 in docs/performance.md).
+//!
+//! This layer also decides where a call runs on its connection ([`crate::inline`]): the four
+//! KV calls in the connection's own task when they are short (writes, and reads that can return
+//! at most [`limits::INLINE_READ_MAX_KEYS`] keys), everything else in a task of its own.
 
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
@@ -18,7 +22,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request, Response, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use prost::Message;
+use rampart_core::limits;
 use rampart_proto::etcdserverpb::kv_server::Kv;
+use rampart_proto::etcdserverpb::{request_op, RangeRequest, TxnRequest};
 use rampart_proto::wire::{grpc_frame, GRPC_PREFIX_BYTES};
 use tonic::body::Body;
 use tonic::metadata::MetadataMap;
@@ -97,9 +103,40 @@ where
     fn call(&mut self, request: Request<Body>) -> BoxFuture {
         match Rpc::of(request.uri().path()) {
             Some(rpc) if is_grpc(&request) => Box::pin(serve(self.layer.clone(), rpc, request)),
-            _ => Box::pin(self.inner.call(request)),
+            // Streams, maintenance calls and the gateway may run long: a task of their own, so
+            // they hold up no other call of their connection (`crate::inline`).
+            _ => {
+                let call = tokio::spawn(self.inner.call(request));
+                Box::pin(async move { call.await.unwrap_or_else(|e| Ok(panicked(e).into_http())) })
+            }
         }
     }
+}
+
+/// The answer to a call whose task panicked.
+fn panicked(e: tokio::task::JoinError) -> Status {
+    tracing::error!(%e, "a client call's task failed");
+    Status::internal(format!("the call failed: {e}"))
+}
+
+/// Whether a range can only return a few keys: a single key, or a small `limit`. Those are read
+/// in the connection's task; others in a task of their own (`crate::inline`).
+fn range_is_short(r: &RangeRequest) -> bool {
+    r.range_end.is_empty() || (r.limit > 0 && r.limit <= limits::INLINE_READ_MAX_KEYS)
+}
+
+/// Whether a txn is short to handle here: a txn that writes is executed by the state machine,
+/// not by its handler; one that only reads is read here, range by range.
+fn txn_is_short(r: &TxnRequest) -> bool {
+    fn reads_are_short(r: &TxnRequest) -> bool {
+        use request_op::Request as R;
+        r.success.iter().chain(&r.failure).all(|op| match &op.request {
+            Some(R::RequestRange(x)) => range_is_short(x),
+            Some(R::RequestTxn(t)) => reads_are_short(t),
+            _ => true,
+        })
+    }
+    !crate::api::txn_is_read_only(r) || reads_are_short(r)
 }
 
 /// gRPC runs over HTTP/2 with a content type of `application/grpc` or `application/grpc+...`.
@@ -121,12 +158,28 @@ async fn serve(layer: UnaryKvLayer, rpc: Rpc, request: Request<Body>) -> Result<
         }
         let message = read_message(body, layer.max_request_bytes).await?;
         let metadata = MetadataMap::from_headers(parts.headers);
-        let (kv, extensions, max) = (&layer.kv, parts.extensions, layer.max_response_bytes);
+        let (kv, extensions, max) = (layer.kv.clone(), parts.extensions, layer.max_response_bytes);
         match rpc {
-            Rpc::Range => call(message, metadata, extensions, max, |r| kv.range(r)).await,
-            Rpc::Put => call(message, metadata, extensions, max, |r| kv.put(r)).await,
-            Rpc::DeleteRange => call(message, metadata, extensions, max, |r| kv.delete_range(r)).await,
-            Rpc::Txn => call(message, metadata, extensions, max, |r| kv.txn(r)).await,
+            Rpc::Range => {
+                let r: RangeRequest = decode(message)?;
+                if range_is_short(&r) {
+                    call(r, metadata, extensions, max, |r| kv.range(r)).await
+                } else {
+                    let read = tokio::spawn(async move { call(r, metadata, extensions, max, |r| kv.range(r)).await });
+                    read.await.unwrap_or_else(|e| Err(panicked(e)))
+                }
+            }
+            Rpc::Put => call(decode(message)?, metadata, extensions, max, |r| kv.put(r)).await,
+            Rpc::DeleteRange => call(decode(message)?, metadata, extensions, max, |r| kv.delete_range(r)).await,
+            Rpc::Txn => {
+                let r: TxnRequest = decode(message)?;
+                if txn_is_short(&r) {
+                    call(r, metadata, extensions, max, |r| kv.txn(r)).await
+                } else {
+                    let read = tokio::spawn(async move { call(r, metadata, extensions, max, |r| kv.txn(r)).await });
+                    read.await.unwrap_or_else(|e| Err(panicked(e)))
+                }
+            }
         }
     };
     Ok(match answer.await {
@@ -140,23 +193,25 @@ async fn serve(layer: UnaryKvLayer, rpc: Rpc, request: Request<Body>) -> Result<
     })
 }
 
-/// Decodes `message`, calls `handler` with it and the request's metadata, and returns the
-/// answer framed for the response body.
+/// Decodes a request message; tonic's words for one that does not decode.
+fn decode<Q: Message + Default>(message: Bytes) -> Result<Q, Status> {
+    Q::decode(message).map_err(|e| Status::internal(format!("failed to decode Protobuf message: {e}")))
+}
+
+/// Calls `handler` with `request` and the request's metadata, and returns the answer framed for
+/// the response body.
 async fn call<Q, A, F, Fut>(
-    message: Bytes,
+    request: Q,
     metadata: MetadataMap,
     extensions: http::Extensions,
     max_response_bytes: usize,
     handler: F,
 ) -> Result<Bytes, Status>
 where
-    Q: Message + Default,
     A: Message,
     F: FnOnce(tonic::Request<Q>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<A>, Status>>,
 {
-    // tonic's words for an undecodable message.
-    let request = Q::decode(message).map_err(|e| Status::internal(format!("failed to decode Protobuf message: {e}")))?;
     let answer = handler(tonic::Request::from_parts(metadata, extensions, request)).await?.into_inner();
     frame(&answer, max_response_bytes)
 }
