@@ -162,23 +162,15 @@ async fn serve(layer: UnaryKvLayer, rpc: Rpc, request: Request<Body>) -> Result<
         match rpc {
             Rpc::Range => {
                 let r: RangeRequest = decode(message)?;
-                if range_is_short(&r) {
-                    call(r, metadata, extensions, max, |r| kv.range(r)).await
-                } else {
-                    let read = tokio::spawn(async move { call(r, metadata, extensions, max, |r| kv.range(r)).await });
-                    read.await.unwrap_or_else(|e| Err(panicked(e)))
-                }
+                let short = range_is_short(&r);
+                here_or_spawned(short, async move { call(r, metadata, extensions, max, |r| kv.range(r)).await }).await
             }
             Rpc::Put => call(decode(message)?, metadata, extensions, max, |r| kv.put(r)).await,
             Rpc::DeleteRange => call(decode(message)?, metadata, extensions, max, |r| kv.delete_range(r)).await,
             Rpc::Txn => {
                 let r: TxnRequest = decode(message)?;
-                if txn_is_short(&r) {
-                    call(r, metadata, extensions, max, |r| kv.txn(r)).await
-                } else {
-                    let read = tokio::spawn(async move { call(r, metadata, extensions, max, |r| kv.txn(r)).await });
-                    read.await.unwrap_or_else(|e| Err(panicked(e)))
-                }
+                let short = txn_is_short(&r);
+                here_or_spawned(short, async move { call(r, metadata, extensions, max, |r| kv.txn(r)).await }).await
             }
         }
     };
@@ -191,6 +183,19 @@ async fn serve(layer: UnaryKvLayer, rpc: Rpc, request: Request<Body>) -> Result<
         // A trailers-only response, as tonic sends for an error.
         Err(status) => status.into_http(),
     })
+}
+
+/// Runs a short call in the caller's task (the connection's, `crate::inline`), any other in a
+/// task of its own.
+async fn here_or_spawned<F>(short: bool, call: F) -> Result<Bytes, Status>
+where
+    F: Future<Output = Result<Bytes, Status>> + Send + 'static,
+{
+    if short {
+        call.await
+    } else {
+        tokio::spawn(call).await.unwrap_or_else(|e| Err(panicked(e)))
+    }
 }
 
 /// Decodes a request message; tonic's words for one that does not decode.
@@ -316,6 +321,29 @@ impl http_body::Body for UnaryBody {
 mod tests {
     use super::*;
     use rampart_proto::etcdserverpb::PutRequest;
+
+    #[test]
+    fn only_writes_and_reads_of_few_keys_are_short() {
+        use rampart_proto::etcdserverpb::{request_op::Request as R, RequestOp};
+        let get = RangeRequest { key: b"a".to_vec(), ..Default::default() };
+        let scan = RangeRequest { key: b"a".to_vec(), range_end: b"z".to_vec(), ..Default::default() };
+        let page = RangeRequest { limit: limits::INLINE_READ_MAX_KEYS, ..scan.clone() };
+        let big_page = RangeRequest { limit: limits::INLINE_READ_MAX_KEYS + 1, ..scan.clone() };
+        assert!(range_is_short(&get));
+        assert!(range_is_short(&page));
+        assert!(!range_is_short(&scan));
+        assert!(!range_is_short(&big_page));
+
+        let op = |r: R| RequestOp { request: Some(r) };
+        let txn = |ops: Vec<RequestOp>| TxnRequest { success: ops, ..Default::default() };
+        assert!(txn_is_short(&txn(vec![op(R::RequestRange(get.clone())), op(R::RequestRange(page))])));
+        assert!(!txn_is_short(&txn(vec![op(R::RequestRange(get.clone())), op(R::RequestRange(scan.clone()))])));
+        // A scan nested in a read-only txn is still a scan.
+        assert!(!txn_is_short(&txn(vec![op(R::RequestTxn(txn(vec![op(R::RequestRange(scan.clone()))])))])));
+        // A txn that writes is executed by the state machine, whatever it reads.
+        let put = PutRequest { key: b"k".to_vec(), ..Default::default() };
+        assert!(txn_is_short(&txn(vec![op(R::RequestRange(scan)), op(R::RequestPut(put))])));
+    }
 
     fn framed(put: &PutRequest) -> Bytes {
         frame(put, usize::MAX).unwrap()
