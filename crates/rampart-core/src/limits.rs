@@ -47,10 +47,6 @@ pub const APPLY_INLINE_MAX_BYTES: usize = 256 * 1024;
 /// A member warns when a task of its runtime waited this long for a worker: raft's heartbeats
 /// and election timers waited as long (bug 14 in docs/robustness.md).
 pub const RUNTIME_STALL_WARN_MS: u64 = 100;
-/// A read on the client port runs in its connection's task (rampart-server's `inline`) only when
-/// it can return at most this many keys (a single key, or a `limit` this small); a read that may
-/// return more runs in a task of its own, so it holds up no other call on that connection.
-pub const INLINE_READ_MAX_KEYS: i64 = 1_000;
 /// Longest a client request waits for its proposal to be committed and applied.
 pub const REQUEST_TIMEOUT_MS: u64 = 7_000;
 /// Most writes a follower forwards to the leader in one call (see rampart-server's `forward`).

@@ -11,11 +11,11 @@
 //! (docs/performance.md, finding 36).
 //!
 //! What the calls of one connection give up is running on two cores at once, so a call must not
-//! hold its connection's task for long: the KV calls answered in front of tonic
-//! ([`crate::unary`]) run here when they are short (writes, whose work is raft's and the state
-//! machine's, and reads of a bounded number of keys), and everything else (long reads, watch and
-//! lease streams, maintenance calls, the gateway's HTTP/1 requests) is spawned there as its own
-//! task, as tonic's server did.
+//! hold its connection's task for long. [`crate::unary`] decides: the KV calls about single keys
+//! (and puts) run in place; every other call's handler runs in a task of its own
+//! ([`off_connection`]), as under tonic's server, and is cancelled like one when its stream or
+//! connection goes away. A response body is still polled here, by the stream: for streams (watch,
+//! lease keep-alive, snapshot) that is the encoding of each message the connection then writes.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -43,7 +43,8 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
 /// Accepts connections from `incoming` until `stop` turns true, serving each with `svc` in a
-/// task of its own; on `stop`, open connections are shut down gracefully.
+/// task of its own; on `stop`, stops accepting (the listener is dropped), shuts the open
+/// connections down gracefully and returns once they have closed, as tonic's server did.
 pub async fn serve<I, IO, S>(incoming: I, svc: S, stop: watch::Receiver<bool>)
 where
     I: Stream<Item = std::io::Result<IO>>,
@@ -51,23 +52,58 @@ where
     S: tower_service::Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
-    let mut incoming = std::pin::pin!(incoming);
-    let mut stopped = stop.clone();
-    loop {
-        let accepted = tokio::select! {
-            _ = async { let _ = stopped.wait_for(|s| *s).await; } => return,
-            accepted = incoming.next() => accepted,
-        };
-        match accepted {
-            Some(Ok(io)) => {
-                tokio::spawn(connection(io, svc.clone(), stop.clone()));
+    let mut connections = tokio::task::JoinSet::new();
+    {
+        let mut incoming = std::pin::pin!(incoming);
+        let mut stopped = stop.clone();
+        loop {
+            let accepted = tokio::select! {
+                _ = async { let _ = stopped.wait_for(|s| *s).await; } => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+                accepted = incoming.next() => accepted,
+            };
+            match accepted {
+                Some(Ok(io)) => {
+                    connections.spawn(connection(io, svc.clone(), stop.clone()));
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(%e, "accepting a client connection");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                }
+                None => break,
             }
-            Some(Err(e)) => {
-                tracing::warn!(%e, "accepting a client connection");
-                tokio::time::sleep(ACCEPT_RETRY).await;
-            }
-            None => return,
         }
+    }
+    while connections.join_next().await.is_some() {}
+}
+
+/// A call's handler moved off its connection's task into a task of its own; see
+/// [`off_connection`].
+pub struct OffConnection<T>(tokio::task::JoinHandle<T>);
+
+/// Runs `call` in a task of its own. Dropping the returned future (the client reset the stream,
+/// the connection closed, the deadline passed) aborts that task, as it would have dropped the
+/// call in place: the Lock and Election services rely on it to give up a waiter whose client
+/// went away.
+pub fn off_connection<F>(call: F) -> OffConnection<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    OffConnection(tokio::spawn(call))
+}
+
+impl<T> Future for OffConnection<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for OffConnection<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -106,6 +142,9 @@ where
     S::Future: Send + 'static,
 {
     let local = Local::default();
+    // Streams hold the executor, so a stream left in the queue when the connection ends would keep
+    // the queue alive through it: empty it however this task ends.
+    let _empty_queue = EmptyQueueOnDrop(local.clone());
     // The HTTP/2 settings tonic's server used (all hyper's defaults but these).
     let mut builder = auto::Builder::new(local.clone());
     builder
@@ -135,6 +174,15 @@ where
                 conn.as_mut().graceful_shutdown();
             }
         }
+    }
+}
+
+struct EmptyQueueOnDrop(Local);
+
+impl Drop for EmptyQueueOnDrop {
+    fn drop(&mut self) {
+        let queued = std::mem::take(&mut *self.0.shared.queue.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(queued);
     }
 }
 
@@ -249,6 +297,28 @@ mod tests {
         assert_eq!(get(&mut send.clone(), "/ok").await.unwrap(), "/ok");
         release.notify_one();
         assert_eq!(waiting.await.unwrap().unwrap(), "/wait");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_moved_off_its_connection_is_cancelled_when_dropped() {
+        struct Dropped(Option<tokio::sync::oneshot::Sender<()>>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                let _ = self.0.take().unwrap().send(());
+            }
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let call = off_connection(async move {
+            let _dropped = Dropped(Some(tx));
+            let _ = started_tx.send(());
+            std::future::pending::<()>().await
+        });
+        started.await.unwrap();
+        drop(call);
+        tokio::time::timeout(Duration::from_secs(5), rx).await.expect("the call's task was not aborted").unwrap();
+        // And one left alone gives its answer.
+        assert_eq!(off_connection(async { 7 }).await.unwrap(), 7);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

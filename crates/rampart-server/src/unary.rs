@@ -10,8 +10,8 @@
 //! those `serve` gives tonic's `KvServer` (finding 30 in docs/performance.md).
 //!
 //! This layer also decides where a call runs on its connection ([`crate::inline`]): the four
-//! KV calls in the connection's own task when they are short (writes, and reads that can return
-//! at most [`limits::INLINE_READ_MAX_KEYS`] keys), everything else in a task of its own.
+//! KV calls in the connection's own task when they are short (puts, and calls whose reads and
+//! answers are about single keys), everything else in a task of its own.
 
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
@@ -22,9 +22,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request, Response, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use prost::Message;
-use rampart_core::limits;
 use rampart_proto::etcdserverpb::kv_server::Kv;
-use rampart_proto::etcdserverpb::{request_op, RangeRequest, TxnRequest};
+use rampart_proto::etcdserverpb::{request_op, DeleteRangeRequest, RangeRequest, TxnRequest};
 use rampart_proto::wire::{grpc_frame, GRPC_PREFIX_BYTES};
 use tonic::body::Body;
 use tonic::metadata::MetadataMap;
@@ -101,42 +100,93 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> BoxFuture {
-        match Rpc::of(request.uri().path()) {
+        let deadline = grpc_timeout(request.headers());
+        let call: BoxFuture = match Rpc::of(request.uri().path()) {
             Some(rpc) if is_grpc(&request) => Box::pin(serve(self.layer.clone(), rpc, request)),
             // Streams, maintenance calls and the gateway may run long: a task of their own, so
             // they hold up no other call of their connection (`crate::inline`).
             _ => {
-                let call = tokio::spawn(self.inner.call(request));
-                Box::pin(async move { call.await.unwrap_or_else(|e| Ok(panicked(e).into_http())) })
+                let grpc = is_grpc(&request);
+                let call = crate::inline::off_connection(self.inner.call(request));
+                Box::pin(async move {
+                    call.await.unwrap_or_else(|e| {
+                        let status = failed(e);
+                        Ok(if grpc { status.into_http() } else { http_error(status.message()) })
+                    })
+                })
             }
+        };
+        match deadline {
+            None => call,
+            // tonic's server answered a call still running at the client's deadline so.
+            Some(d) => Box::pin(async move {
+                tokio::time::timeout(d, call).await.unwrap_or_else(|_| Ok(Status::cancelled("Timeout expired").into_http()))
+            }),
         }
     }
 }
 
-/// The answer to a call whose task panicked.
-fn panicked(e: tokio::task::JoinError) -> Status {
-    tracing::error!(%e, "a client call's task failed");
+/// The client's deadline from the `grpc-timeout` header (gRPC's wire format: at most 8 digits
+/// and a unit); none if it is missing or malformed, as tonic's server had it.
+fn grpc_timeout(headers: &HeaderMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The status for a call whose task failed: it panicked, or the runtime is shutting down.
+fn failed(e: tokio::task::JoinError) -> Status {
+    if e.is_panic() {
+        tracing::error!(%e, "a client call's task panicked");
+    } else {
+        tracing::debug!(%e, "a client call's task was cancelled");
+    }
     Status::internal(format!("the call failed: {e}"))
 }
 
-/// Whether a range can only return a few keys: a single key, or a small `limit`. Those are read
-/// in the connection's task; others in a task of their own (`crate::inline`).
-fn range_is_short(r: &RangeRequest) -> bool {
-    r.range_end.is_empty() || (r.limit > 0 && r.limit <= limits::INLINE_READ_MAX_KEYS)
+/// A plain HTTP 500 for a request that did not come as gRPC (the gateway's HTTP/1).
+fn http_error(message: &str) -> Response<Body> {
+    let mut response = Response::new(Body::new(message.to_string()));
+    *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+    response
 }
 
-/// Whether a txn is short to handle here: a txn that writes is executed by the state machine,
-/// not by its handler; one that only reads is read here, range by range.
+/// Whether a range is short to read in the connection's task: a single key. A range over many
+/// keys may walk all of them whatever its `limit` (to count them, to sort them, to filter them
+/// by revision), so it runs in a task of its own (`crate::inline`).
+fn range_is_short(r: &RangeRequest) -> bool {
+    r.range_end.is_empty()
+}
+
+/// A delete is executed by the state machine; its answer is short unless it returns the
+/// previous values of a range.
+fn delete_is_short(r: &DeleteRangeRequest) -> bool {
+    r.range_end.is_empty() || !r.prev_kv
+}
+
+/// A txn is short when every operation in it is: its reads are read here if it only reads, and
+/// their results are encoded here in any case.
 fn txn_is_short(r: &TxnRequest) -> bool {
-    fn reads_are_short(r: &TxnRequest) -> bool {
-        use request_op::Request as R;
-        r.success.iter().chain(&r.failure).all(|op| match &op.request {
-            Some(R::RequestRange(x)) => range_is_short(x),
-            Some(R::RequestTxn(t)) => reads_are_short(t),
-            _ => true,
-        })
-    }
-    !crate::api::txn_is_read_only(r) || reads_are_short(r)
+    use request_op::Request as R;
+    r.success.iter().chain(&r.failure).all(|op| match &op.request {
+        Some(R::RequestRange(x)) => range_is_short(x),
+        Some(R::RequestDeleteRange(x)) => delete_is_short(x),
+        Some(R::RequestTxn(t)) => txn_is_short(t),
+        Some(R::RequestPut(_)) | None => true,
+    })
 }
 
 /// gRPC runs over HTTP/2 with a content type of `application/grpc` or `application/grpc+...`.
@@ -166,7 +216,11 @@ async fn serve(layer: UnaryKvLayer, rpc: Rpc, request: Request<Body>) -> Result<
                 here_or_spawned(short, async move { call(r, metadata, extensions, max, |r| kv.range(r)).await }).await
             }
             Rpc::Put => call(decode(message)?, metadata, extensions, max, |r| kv.put(r)).await,
-            Rpc::DeleteRange => call(decode(message)?, metadata, extensions, max, |r| kv.delete_range(r)).await,
+            Rpc::DeleteRange => {
+                let r: DeleteRangeRequest = decode(message)?;
+                let short = delete_is_short(&r);
+                here_or_spawned(short, async move { call(r, metadata, extensions, max, |r| kv.delete_range(r)).await }).await
+            }
             Rpc::Txn => {
                 let r: TxnRequest = decode(message)?;
                 let short = txn_is_short(&r);
@@ -194,7 +248,7 @@ where
     if short {
         call.await
     } else {
-        tokio::spawn(call).await.unwrap_or_else(|e| Err(panicked(e)))
+        crate::inline::off_connection(call).await.unwrap_or_else(|e| Err(failed(e)))
     }
 }
 
@@ -323,26 +377,52 @@ mod tests {
     use rampart_proto::etcdserverpb::PutRequest;
 
     #[test]
-    fn only_writes_and_reads_of_few_keys_are_short() {
+    fn only_calls_about_single_keys_are_short() {
         use rampart_proto::etcdserverpb::{request_op::Request as R, RequestOp};
         let get = RangeRequest { key: b"a".to_vec(), ..Default::default() };
         let scan = RangeRequest { key: b"a".to_vec(), range_end: b"z".to_vec(), ..Default::default() };
-        let page = RangeRequest { limit: limits::INLINE_READ_MAX_KEYS, ..scan.clone() };
-        let big_page = RangeRequest { limit: limits::INLINE_READ_MAX_KEYS + 1, ..scan.clone() };
+        // A limit does not bound the work: counting, sorting and revision filters walk the range.
+        let page = RangeRequest { limit: 1, ..scan.clone() };
         assert!(range_is_short(&get));
-        assert!(range_is_short(&page));
         assert!(!range_is_short(&scan));
-        assert!(!range_is_short(&big_page));
+        assert!(!range_is_short(&page));
+
+        let delete = DeleteRangeRequest { key: b"a".to_vec(), range_end: b"z".to_vec(), ..Default::default() };
+        let delete_returning = DeleteRangeRequest { prev_kv: true, ..delete.clone() };
+        let delete_one_returning = DeleteRangeRequest { key: b"a".to_vec(), prev_kv: true, ..Default::default() };
+        assert!(delete_is_short(&delete));
+        assert!(!delete_is_short(&delete_returning));
+        assert!(delete_is_short(&delete_one_returning));
 
         let op = |r: R| RequestOp { request: Some(r) };
         let txn = |ops: Vec<RequestOp>| TxnRequest { success: ops, ..Default::default() };
-        assert!(txn_is_short(&txn(vec![op(R::RequestRange(get.clone())), op(R::RequestRange(page))])));
-        assert!(!txn_is_short(&txn(vec![op(R::RequestRange(get.clone())), op(R::RequestRange(scan.clone()))])));
-        // A scan nested in a read-only txn is still a scan.
+        let put = PutRequest { key: b"k".to_vec(), prev_kv: true, ..Default::default() };
+        assert!(txn_is_short(&txn(vec![op(R::RequestRange(get.clone())), op(R::RequestPut(put.clone()))])));
+        assert!(!txn_is_short(&txn(vec![op(R::RequestRange(get)), op(R::RequestRange(scan.clone()))])));
+        // A scan nested in a txn, or the answer of a txn that writes, is still a scan.
         assert!(!txn_is_short(&txn(vec![op(R::RequestTxn(txn(vec![op(R::RequestRange(scan.clone()))])))])));
-        // A txn that writes is executed by the state machine, whatever it reads.
-        let put = PutRequest { key: b"k".to_vec(), ..Default::default() };
-        assert!(txn_is_short(&txn(vec![op(R::RequestRange(scan)), op(R::RequestPut(put))])));
+        assert!(!txn_is_short(&txn(vec![op(R::RequestRange(scan)), op(R::RequestPut(put))])));
+        assert!(!txn_is_short(&txn(vec![op(R::RequestDeleteRange(delete_returning))])));
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_as_tonic_did() {
+        use std::time::Duration;
+        let of = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-timeout", HeaderValue::from_str(v).unwrap());
+            grpc_timeout(&h)
+        };
+        assert_eq!(of("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(of("4999m"), Some(Duration::from_millis(4999)));
+        assert_eq!(of("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(of("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(of("100n"), Some(Duration::from_nanos(100)));
+        assert_eq!(of("123456789S"), None);
+        assert_eq!(of("S"), None);
+        assert_eq!(of("5s"), None);
+        assert_eq!(of("oneS"), None);
+        assert_eq!(grpc_timeout(&HeaderMap::new()), None);
     }
 
     fn framed(put: &PutRequest) -> Bytes {

@@ -126,6 +126,25 @@ async fn services_scenario(mut c: Client) -> Vec<String> {
     t.say(format!("campaign l4: rev {}", won3.leader().unwrap().rev()));
     let seen = observe.message().await.unwrap().unwrap();
     t.say(format!("observe: {} at {}", text(seen.kv().unwrap().value()), seen.kv().unwrap().mod_revision()));
+
+    // A waiter whose client gives up (its call dropped: the stream is reset) gives up its place:
+    // once the holder unlocks, the next comer gets the lock at once.
+    let mut more = Vec::new();
+    for _ in 0..3 {
+        more.push(c.lease_grant(60, None).await.unwrap().id());
+    }
+    let held = c.lock("gone", Some(LockOptions::new().with_lease(more[0]))).await.unwrap();
+    let mut c5 = c.clone();
+    let quitter_lease = more[1];
+    let mut quitter = Box::pin(async move { c5.lock("gone", Some(LockOptions::new().with_lease(quitter_lease))).await });
+    t.say(format!("lock gone blocks: {}", blocks(&mut quitter, Duration::from_millis(500)).await));
+    drop(quitter);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.unlock(held.key().to_vec()).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(3), c.lock("gone", Some(LockOptions::new().with_lease(more[2])))).await;
+    t.say(format!("the next comer gets the lock at once: {}", next.is_ok_and(|r| r.is_ok())));
+    let waiting = c.get("gone/", Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
+    t.say(format!("keys under gone/ afterwards: {}", waiting.kvs().len()));
     t.lines
 }
 
