@@ -58,8 +58,18 @@ max_request_bytes = 100
         .await
         .unwrap_err();
     assert!(err.to_string().contains("too many operations in txn request"), "{err}");
-    let members = c.member_list().await.unwrap();
-    assert_eq!(members.members()[0].name(), "from-file");
+    // The name comes from the file. A member publishes it through the log after it starts (as
+    // etcd's does), so a write may be answered before it is in the member list: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let name = loop {
+        let members = c.member_list().await.unwrap();
+        let name = members.members()[0].name().to_string();
+        if !name.is_empty() || Instant::now() >= deadline {
+            break name;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(name, "from-file");
 
     let _ = child.kill();
     let _ = child.wait();
