@@ -98,7 +98,7 @@ fn check_txn(r: &TxnRequest, max_ops: usize) -> Result<(), EtcdError> {
 }
 
 /// True when a txn (and every nested txn) only reads: etcd serves those without the log.
-pub(crate) fn txn_is_read_only(r: &TxnRequest) -> bool {
+fn txn_is_read_only(r: &TxnRequest) -> bool {
     use request_op::Request as R;
     r.success.iter().chain(&r.failure).all(|op| match &op.request {
         Some(R::RequestRange(_)) => true,
